@@ -1,0 +1,498 @@
+r"""Prediction rules: the update direction each optimizer would apply next.
+
+Weight prediction (XGrad, PipeOptim, SpecTrain, XPipe) replaces the current weights by the
+weights ``s`` updates ahead, assuming every one of those updates repeats the optimizer's current
+update direction :math:`D_t`:
+
+.. math::
+
+    \hat w(s) = a\,w_t - C\,D_t, \qquad
+    a = \prod_{j=1}^{s} (1 - \eta_j \lambda), \qquad
+    C = \sum_{j=1}^{s} \eta_j \prod_{i=j+1}^{s} (1 - \eta_i \lambda),
+
+where :math:`\eta_j` is the learning rate of the ``j``-th future update (``s`` times the current
+``lr`` unless a schedule is known) and :math:`\lambda` the *decoupled* weight decay (AdamW,
+``decoupled_weight_decay=True``; zero otherwise). With a constant learning rate and no decoupled
+decay this is the familiar :math:`\hat w = w_t - s\,\eta\,D_t`.
+
+This module holds the math of every rule, one class per optimizer family; the engine that applies
+:math:`a` and :math:`C` lives in :mod:`predictopt.prediction`. A rule reads only the optimizer's own
+state (never ``.grad``, which ``zero_grad()`` may have cleared). Rules for optimizers whose state
+holds no smoothed update direction (SGD without momentum, plain RMSprop, Adagrad, Adadelta and any
+optimizer without a rule) use :class:`ObservedUpdateRule`: the wrapper records every real update
+``delta = w_after - w_before`` at ``step()`` and the rule predicts along an exponential moving
+average of ``-delta / lr``. Repeating only the last update is mostly noise for such optimizers
+and predicts *worse* than the stale weights; the average does not.
+
+Every direction returned is "per unit learning rate": the real update of the optimizer is
+:math:`-\eta D_t` (plus decoupled decay).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "PredictionRule",
+    "ObservedUpdateRule",
+    "SGDRule",
+    "AdamRule",
+    "AdamaxRule",
+    "NAdamRule",
+    "RAdamRule",
+    "RMSpropRule",
+    "register_rule",
+    "get_rule",
+    "available_rules",
+    "OBSERVED_KEY",
+]
+
+#: Key of the per-parameter optimizer state in which :class:`ObservedUpdateRule` keeps its
+#: moving average. It lives in the wrapped optimizer's own ``state`` so checkpoints stay standard
+#: (a bare torch optimizer ignores the extra key).
+OBSERVED_KEY = "predictopt_direction"
+
+Directions = tuple[list[Tensor], list[Tensor]]
+
+
+def _value(x: Any) -> float:
+    """A Python float from a number or a one-element tensor (``step``, ``lr`` may be tensors)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class PredictionRule:
+    """Base class of a prediction rule.
+
+    Subclasses implement :meth:`directions` (and :meth:`decoupled_decay` where the optimizer
+    shrinks the weights multiplicatively). A rule is stateless: anything it needs must live in the
+    optimizer's ``state`` so that checkpoints carry it.
+
+    Attributes:
+        name: The name the rule is registered under.
+    """
+
+    name: str = "base"
+
+    def directions(self, group: dict[str, Any], params: list[Tensor], states: list[dict]) -> Directions:
+        r"""The update direction :math:`D` per unit learning rate of the parameters of one group.
+
+        Args:
+            group: The optimizer's parameter group (hyper-parameters).
+            params: The group's parameters.
+            states: ``optimizer.state[p]`` for each parameter (possibly empty dicts).
+
+        Returns:
+            ``(ps, ds)``: the parameters that have a direction and their directions, in the same
+            order; parameters without state (nothing to predict from) are left out.
+        """
+        raise NotImplementedError
+
+    def decoupled_decay(self, group: dict[str, Any]) -> float:
+        r"""The decoupled weight-decay coefficient :math:`\lambda` of the group (0 if none)."""
+        return 0.0
+
+    def observes(self, group: dict[str, Any]) -> bool:
+        """Whether this rule needs the wrapper to record the real updates of this group."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ObservedUpdateRule(PredictionRule):
+    r"""Generic rule for any optimizer: an average of the updates the wrapper observed.
+
+    At every ``step()`` the wrapper records, for each parameter that had a gradient,
+    :math:`d = (w_{before} - w_{after}) / \eta` and folds it into
+
+    .. math:: \bar d \leftarrow \beta \bar d + (1-\beta) d \quad (\bar d = d \text{ at the first step}),
+
+    kept in ``optimizer.state[p]["predictopt_direction"]``. The prediction is
+    :math:`\hat w = w - s\,\eta\,\bar d`. With ``beta=0`` this is "repeat the last update" (the
+    REFERENCE's generic rule). When the updates are constant the average equals them exactly, so
+    the prediction is exact up to rounding for any such optimizer. Costs one stored copy of the
+    weights (the average) and one transient copy during ``step()``.
+
+    Args:
+        beta: Smoothing factor in ``[0, 1)``.
+    """
+
+    name = "observed"
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be a float in [0, 1), got {beta!r}")
+        self.beta = float(beta)
+
+    def observes(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def directions(self, group, params, states) -> Directions:
+        ps, ds = [], []
+        for p, st in zip(params, states):
+            d = st.get(OBSERVED_KEY)
+            if d is not None:
+                ps.append(p)
+                ds.append(d)
+        return ps, ds
+
+    @torch.no_grad()
+    def record(self, group: dict[str, Any], params: list[Tensor], states: list[dict],
+               before: list[Tensor]) -> None:
+        """Fold the update just applied (``before`` -> current ``params``) into the average.
+
+        ``before`` is consumed (overwritten in place). Called by the wrapper after the wrapped
+        optimizer's ``step()``; parameters without a gradient are skipped by the caller.
+        """
+        lr = _value(group["lr"])
+        if lr == 0.0 or not params:
+            return
+        torch._foreach_sub_(before, params)
+        torch._foreach_div_(before, lr)
+        old, new = [], []
+        for st, d in zip(states, before):
+            prev = st.get(OBSERVED_KEY)
+            if prev is None:
+                st[OBSERVED_KEY] = d
+            else:
+                old.append(prev)
+                new.append(d)
+        if old:
+            torch._foreach_lerp_(old, new, 1.0 - self.beta)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta})"
+
+
+class SGDRule(ObservedUpdateRule):
+    r"""SGD: the momentum buffer :math:`b_t` (PipeOptim, SpecTrain, Linear Weight Prediction).
+
+    torch's SGD updates :math:`w \leftarrow w - \eta\,b_t` with
+    :math:`b_t = \mu b_{t-1} + (1-\tau) g_t` (L2 decay inside :math:`g_t`), so
+    :math:`D = b_t` (negated under ``maximize``). With ``nesterov=True`` the real update
+    :math:`g_t + \mu b_t` needs the gradient, which the state does not hold; :math:`b_t` is its
+    steady-state value under a constant gradient and is used instead. Without momentum the state
+    holds nothing, and the rule falls back to :class:`ObservedUpdateRule`.
+    """
+
+    name = "sgd"
+
+    def observes(self, group):
+        return not group.get("momentum", 0.0)
+
+    def directions(self, group, params, states):
+        if self.observes(group):
+            return super().directions(group, params, states)
+        ps, ds = [], []
+        for p, st in zip(params, states):
+            buf = st.get("momentum_buffer")
+            if buf is not None:
+                ps.append(p)
+                ds.append(buf)
+        if group.get("maximize", False):
+            ds = torch._foreach_neg(ds) if ds else ds
+        return ps, ds
+
+
+def _adam_state(group, params, states, second: str) -> tuple[list, list, list, list]:
+    ps, m, v, steps = [], [], [], []
+    for p, st in zip(params, states):
+        if "exp_avg" in st and _value(st["step"]) > 0:
+            ps.append(p)
+            m.append(st["exp_avg"])
+            v.append(st[second])
+            steps.append(_value(st["step"]))
+    return ps, m, v, steps
+
+
+def _adam_denominators(v: list[Tensor], bc2_sqrt: list[float], eps: float) -> list[Tensor]:
+    """``sqrt(v) / sqrt(1 - beta2^t) + eps``, in the order torch's Adam computes it."""
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
+class AdamRule(PredictionRule):
+    r"""Adam and AdamW: :math:`D = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
+
+    Bias corrections at the current step :math:`t` of each parameter,
+    :math:`\hat m_t = m_t/(1-\beta_1^t)`, :math:`\hat v_t = v_t/(1-\beta_2^t)`; the group's own
+    ``eps``; ``max_exp_avg_sq`` in place of :math:`v_t` under AMSGrad. L2 decay (Adam) is already
+    inside the moments; decoupled decay (AdamW, or Adam with ``decoupled_weight_decay=True``)
+    enters through :meth:`decoupled_decay` and is applied exactly,
+    :math:`w (1-\eta\lambda)^s - \eta D \sum_{j<s} (1-\eta\lambda)^j`. ``maximize`` is already
+    folded into the moments by torch. Under a constant gradient :math:`\hat m_t = g`,
+    :math:`\hat v_t = g^2` exactly, so the prediction equals the real weights ``s`` steps later.
+    """
+
+    name = "adam"
+
+    def decoupled_decay(self, group):
+        decoupled = group.get("decoupled_weight_decay", False)
+        return _value(group.get("weight_decay", 0.0)) if decoupled else 0.0
+
+    def directions(self, group, params, states):
+        second = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        ps, m, v, steps = _adam_state(group, params, states, second)
+        if not ps:
+            return ps, []
+        beta1, beta2 = (_value(b) for b in group["betas"])
+        bc1 = [1 - beta1**t for t in steps]
+        bc2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
+        denom = _adam_denominators(v, bc2_sqrt, _value(group["eps"]))
+        d = torch._foreach_div(m, denom)
+        torch._foreach_div_(d, bc1)
+        return ps, d
+
+
+class AdamaxRule(PredictionRule):
+    r"""Adamax: :math:`D = m_t / ((1-\beta_1^t)\,u_t)` with the infinity norm :math:`u_t`
+    (``exp_inf``, which already contains ``eps``). Exact under a constant gradient."""
+
+    name = "adamax"
+
+    def directions(self, group, params, states):
+        ps, m, u, steps = _adam_state(group, params, states, "exp_inf")
+        if not ps:
+            return ps, []
+        beta1 = _value(group["betas"][0])
+        d = torch._foreach_div(m, u)
+        torch._foreach_div_(d, [1 - beta1**t for t in steps])
+        return ps, d
+
+
+class NAdamRule(AdamRule):
+    r"""NAdam: the Nesterov-weighted Adam direction with the gradient estimated by :math:`\hat m_t`.
+
+    torch's NAdam applies
+    :math:`\eta\,[\frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t] /
+    (\sqrt{\hat v_t}+\epsilon)` with :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})` and
+    :math:`\Pi_t = \prod_{j\le t}\mu_j` (``mu_product``). The state does not hold :math:`g_t`;
+    the rule uses its smoothed estimate :math:`\hat m_t = m_t/(1-\beta_1^t)` (repeating the last,
+    noisy gradient predicts worse than the stale weights). Decoupled decay as in :class:`AdamRule`.
+    """
+
+    name = "nadam"
+
+    def directions(self, group, params, states):
+        ps, m, v, steps = _adam_state(group, params, states, "exp_avg_sq")
+        if not ps:
+            return ps, []
+        beta1, beta2 = (_value(b) for b in group["betas"])
+        psi = _value(group.get("momentum_decay", 4e-3))
+        mu_prods = [_value(st["mu_product"]) for st in states
+                    if "exp_avg" in st and _value(st["step"]) > 0]
+        coef = []
+        for t, prod in zip(steps, mu_prods):
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+            coef.append((1.0 - mu) / (1.0 - prod) / (1 - beta1**t)
+                        + mu_next / (1.0 - prod * mu_next))
+        denom = _adam_denominators(v, [math.sqrt(1 - beta2**t) for t in steps],
+                                   _value(group["eps"]))
+        d = torch._foreach_div(m, denom)
+        torch._foreach_mul_(d, coef)
+        return ps, d
+
+
+class RAdamRule(AdamRule):
+    r"""RAdam: :math:`D = \hat m_t\, r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon)` once the
+    variance is tractable (:math:`\rho_t > 5`), else :math:`D = \hat m_t` (SGD with momentum),
+    with :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
+    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)` and the rectification
+    :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`,
+    exactly as torch's RAdam at the current step. Decoupled decay as in :class:`AdamRule`."""
+
+    name = "radam"
+
+    def directions(self, group, params, states):
+        ps, m, v, steps = _adam_state(group, params, states, "exp_avg_sq")
+        if not ps:
+            return ps, []
+        beta1, beta2 = (_value(b) for b in group["betas"])
+        eps = _value(group["eps"])
+        rho_inf = 2 / (1 - beta2) - 1
+        d = torch._foreach_div(m, [1 - beta1**t for t in steps])
+        adaptive_idx, scales = [], []
+        for i, t in enumerate(steps):
+            bc2 = 1 - beta2**t
+            rho_t = rho_inf - 2 * t * beta2**t / bc2
+            if rho_t > 5.0:
+                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+                adaptive_idx.append(i)
+                scales.append(rect * bc2**0.5)
+        if adaptive_idx:
+            sub_d = [d[i] for i in adaptive_idx]
+            denom = torch._foreach_sqrt([v[i] for i in adaptive_idx])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_div_(sub_d, denom)
+            torch._foreach_mul_(sub_d, scales)
+        return ps, d
+
+
+class RMSpropRule(ObservedUpdateRule):
+    r"""RMSprop: the momentum buffer when ``momentum > 0`` (torch applies :math:`w \leftarrow
+    w - \eta b_t`, :math:`b_t = \mu b_{t-1} + g_t/(\sqrt{\cdot}+\epsilon)`); otherwise, when
+    ``centered``, the smoothed gradient :math:`D = \bar g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)`
+    (``grad_avg`` is an EMA of the gradient); otherwise the state holds no smoothed gradient and
+    the rule falls back to :class:`ObservedUpdateRule` (the PipeOptim code's
+    :math:`g_t/(\sqrt{v_t}+\epsilon)` needs the last, noisy gradient)."""
+
+    name = "rmsprop"
+
+    def observes(self, group):
+        return not group.get("momentum", 0.0) and not group.get("centered", False)
+
+    def directions(self, group, params, states):
+        if self.observes(group):
+            return super().directions(group, params, states)
+        ps, ds, sq, ga = [], [], [], []
+        momentum = bool(group.get("momentum", 0.0))
+        for p, st in zip(params, states):
+            if momentum and st.get("momentum_buffer") is not None:
+                ps.append(p)
+                ds.append(st["momentum_buffer"])
+            elif not momentum and "grad_avg" in st:
+                ps.append(p)
+                sq.append(st["square_avg"])
+                ga.append(st["grad_avg"])
+        if ps and not momentum:
+            denom = torch._foreach_addcmul(sq, ga, ga, value=-1)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, _value(group["eps"]))
+            ds = torch._foreach_div(ga, denom)
+        if ps and group.get("maximize", False):
+            ds = torch._foreach_neg(ds)
+        return ps, ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+_RULES: dict[str, PredictionRule] = {}
+_BY_CLASS: dict[type, str] = {}
+_WARNED: set[type] = set()
+
+
+def register_rule(name: str, rule: PredictionRule, *,
+                  optimizers: Iterable[type[Optimizer]] = (), overwrite: bool = False) -> None:
+    """Register a prediction rule under ``name`` and, optionally, as the default of optimizers.
+
+    Args:
+        name: The name ``PredictiveOptimizer(rule=name)`` accepts.
+        rule: A :class:`PredictionRule` instance.
+        optimizers: Optimizer classes (and, through the MRO, their subclasses) whose default rule
+            this becomes.
+        overwrite: Replace an existing registration of ``name`` or of one of ``optimizers``.
+
+    Raises:
+        TypeError: ``rule`` is not a ``PredictionRule`` or an entry of ``optimizers`` is not an
+            ``Optimizer`` subclass.
+        ValueError: ``name`` is taken (and ``overwrite`` is false).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not isinstance(rule, PredictionRule):
+        raise TypeError(f"rule must be a predictopt.PredictionRule instance, got {type(rule)!r}")
+    optimizers = list(optimizers)
+    for cls in optimizers:
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+            raise TypeError(f"optimizers must hold torch.optim.Optimizer subclasses, got {cls!r}")
+    if not overwrite:
+        if name in _RULES:
+            raise ValueError(f"a rule named {name!r} is registered already; pass overwrite=True")
+        taken = [c.__name__ for c in optimizers if c in _BY_CLASS]
+        if taken:
+            raise ValueError(f"optimizers {taken} have a rule already; pass overwrite=True")
+    _RULES[name] = rule
+    for cls in optimizers:
+        _BY_CLASS[cls] = name
+
+
+def available_rules() -> list[str]:
+    """The names of all registered rules."""
+    return sorted(_RULES)
+
+
+def get_rule(spec: str | PredictionRule | Optimizer | type[Optimizer] | None,
+             optimizer: Optimizer | None = None) -> PredictionRule:
+    """Resolve a rule: a rule object, a registered name, or the default of an optimizer's class.
+
+    The default is found along the class's MRO, so subclasses inherit their parent's rule. An
+    optimizer without one gets ``"observed"`` with a one-time warning per class.
+
+    Raises:
+        ValueError: an unknown rule name (the message lists the registered ones).
+        TypeError: anything else.
+    """
+    if spec is None:
+        spec = optimizer
+    if isinstance(spec, PredictionRule):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return _RULES[spec]
+        except KeyError:
+            raise ValueError(
+                f"rule must be None, a PredictionRule or one of {available_rules()}, got {spec!r}"
+            ) from None
+    cls = spec if isinstance(spec, type) else type(spec)
+    if isinstance(cls, type) and issubclass(cls, Optimizer):
+        for klass in cls.__mro__:
+            if klass in _BY_CLASS:
+                return _RULES[_BY_CLASS[klass]]
+        if cls not in _WARNED:
+            _WARNED.add(cls)
+            warnings.warn(
+                f"predictopt has no prediction rule for {cls.__name__}; using the generic "
+                "'observed' rule (an average of the updates seen at step()). Register a rule "
+                "with predictopt.register_rule to silence this.",
+                stacklevel=3,
+            )
+        return _RULES["observed"]
+    raise TypeError(
+        f"rule must be None, a rule name, a PredictionRule or an Optimizer, got {type(spec)!r}"
+    )
+
+
+def _register_builtins() -> None:
+    from torch import optim
+
+    # Adagrad and Adadelta keep no smoothed gradient: the observed average is their designed
+    # rule. Rprop, ASGD, LBFGS, SparseAdam and third-party optimizers reach it through the
+    # fallback of get_rule, with a one-time warning.
+    register_rule("observed", ObservedUpdateRule(), optimizers=[optim.Adagrad, optim.Adadelta])
+    register_rule("last-update", ObservedUpdateRule(beta=0.0))
+    register_rule("sgd", SGDRule(), optimizers=[optim.SGD])
+    register_rule("adam", AdamRule(), optimizers=[optim.Adam, optim.AdamW])
+    register_rule("adamax", AdamaxRule(), optimizers=[optim.Adamax])
+    register_rule("nadam", NAdamRule(), optimizers=[optim.NAdam])
+    register_rule("radam", RAdamRule(), optimizers=[optim.RAdam])
+    register_rule("rmsprop", RMSpropRule(), optimizers=[optim.RMSprop])
+
+
+_register_builtins()
+
+
+def _check_steps(steps: Any, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{name} must be an int >= 0, got {type(steps).__name__} {steps!r}")
+    if steps < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {steps}")
+    return steps
+
+
+def _check_lrs(lrs: Sequence[float] | None, steps: int) -> None:
+    if lrs is not None and len(lrs) != steps:
+        raise ValueError(f"lrs must hold one learning rate per predicted step ({steps}), "
+                         f"got {len(lrs)}")
