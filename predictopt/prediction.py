@@ -128,10 +128,19 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     }
     scales = getattr(optimizer, "_calibration_scales", lambda: None)()
     for ps, ds, a, c in plan(inner, rule_obj, steps, lrs, scales):
-        base = torch._foreach_mul(ps, a) if a != 1.0 else ps
-        preds = torch._foreach_add(base, ds, alpha=-c)
-        result.update(zip(ps, preds))
+        result.update(zip(ps, _values(ps, ds, a, c)))
     return result
+
+
+def _values(ps: list[Tensor], ds: list[Tensor], a: float, c: float) -> list[Tensor]:
+    # The one place the prediction is computed, out of place, so that predict() and predict_()
+    # agree bit for bit (torch's in-place and out-of-place foreach kernels round differently in
+    # low precision: the in-place ones cast the scalar to the tensor's dtype first).
+    if a != 1.0:
+        out = torch._foreach_mul(ps, a)
+        torch._foreach_add_(out, ds, alpha=-c)
+        return out
+    return torch._foreach_add(ps, ds, alpha=-c)
 
 
 @torch.no_grad()
@@ -140,16 +149,15 @@ def predict_(optimizer: Optimizer, rule: PredictionRule, steps: int,
              scales: Sequence[float] | None = None) -> list[tuple[list[Tensor], list[Tensor]]]:
     """Write the prediction into the parameters in place; return ``(params, saved)`` pairs.
 
-    Holds one copy of the predicted parameters (the saved real values) until :func:`restore_`.
+    Holds one copy of the predicted parameters (the saved real values) until :func:`restore_`;
+    while computing, the new values take one more, freed on return.
     The in-place writes bump the parameters' version counters, so an autograd graph built on
     the predicted weights cannot silently be back-propagated after the restore.
     """
     saved = []
     for ps, ds, a, c in plan(optimizer, rule, steps, lrs, scales):
         real = torch._foreach_mul(ps, 1.0)  # exact copy (x * 1.0 == x bit for bit)
-        if a != 1.0:
-            torch._foreach_mul_(ps, a)
-        torch._foreach_add_(ps, ds, alpha=-c)
+        torch._foreach_copy_(ps, _values(ps, ds, a, c))
         saved.append((ps, real))
     return saved
 

@@ -80,7 +80,9 @@ class PredictionRule:
 
     name: str = "base"
 
-    def directions(self, group: dict[str, Any], params: list[Tensor], states: list[dict]) -> Directions:
+    def directions(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict]
+    ) -> Directions:
         r"""The update direction :math:`D` per unit learning rate of the parameters of one group.
 
         Args:
@@ -112,7 +114,9 @@ class ObservedUpdateRule(PredictionRule):
     At every ``step()`` the wrapper records, for each parameter that had a gradient,
     :math:`d = (w_{before} - w_{after}) / \eta` and folds it into
 
-    .. math:: \bar d \leftarrow \beta \bar d + (1-\beta) d \quad (\bar d = d \text{ at the first step}),
+    .. math:: \bar d \leftarrow \beta \bar d + (1-\beta) d
+
+    (:math:`\bar d = d` at the first step),
 
     kept in ``optimizer.state[p]["predictopt_direction"]``. The prediction is
     :math:`\hat w = w - s\,\eta\,\bar d`. With ``beta=0`` this is "repeat the last update" (the

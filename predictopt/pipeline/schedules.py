@@ -14,8 +14,9 @@ it
 No process group is needed: multi-stage schedules are constructed with lightweight stand-in stage
 objects (torch computes the whole ``pipeline_order`` for all ranks in the constructor) and the
 single-stage schedules are derived from the loops their runtime ``_step_microbatches`` executes.
-All access to torch internals is confined to :func:`_torch_compute_orders` and
-:func:`_resolve_schedule`.
+All access to torch internals is confined to the private helpers of the "torch access" section
+(:func:`_resolve_schedule`, :func:`_construct`, :func:`_convert_torch_action`,
+:func:`_torch_compute_orders`), which raise a clear error if the installed torch differs.
 
 Notation: ``K`` ranks, ``S = K * stages_per_rank`` global stages ``k = 0..S-1`` (0 is first),
 ``n`` micro-batches ``i = 0..n-1``. Action kinds: ``"F"`` forward, ``"B"`` full backward,
@@ -108,7 +109,7 @@ SUPPORTED_SCHEDULES: tuple[str, ...] = tuple(info.name for info in _SCHEDULES)
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checking and torch access
+# Argument checking and torch access ("torch access" section)
 # --------------------------------------------------------------------------------------------
 
 
@@ -316,15 +317,24 @@ def _runtime_single_stage_order(name: str, stage: int, num_stages: int, n: int) 
     return order
 
 
-@lru_cache(maxsize=256)
-def _torch_compute_orders(
+def _compute_orders(
     schedule: str, num_ranks: int, n_microbatches: int, stages_per_rank: int | None
 ) -> tuple[tuple[Action, ...], ...]:
-    """Return the per-rank compute orders (cached, immutable). The only torch-internal access."""
-    info, cls = _resolve_schedule(schedule)
+    """Validate the arguments, then return the (cached) per-rank compute orders."""
+    info, _ = _resolve_schedule(schedule)
     _check_positive_int(num_ranks, "num_ranks")
     _check_positive_int(n_microbatches, "n_microbatches")
     spr = _resolve_stages_per_rank(info, stages_per_rank)
+    # Validated before the cache: lru_cache would treat 2.0 or True like 2 or 1.
+    return _torch_compute_orders(info.name, num_ranks, n_microbatches, spr)
+
+
+@lru_cache(maxsize=256)
+def _torch_compute_orders(
+    schedule: str, num_ranks: int, n_microbatches: int, spr: int
+) -> tuple[tuple[Action, ...], ...]:
+    """Per-rank compute orders (cached, immutable). The only place reading torch's orders."""
+    info, cls = _resolve_schedule(schedule)
     num_stages = num_ranks * spr
 
     if not info.multi_stage:
@@ -421,7 +431,7 @@ def schedule_actions(
             sizes, wrong ``stages_per_rank``, or a configuration torch itself rejects (message
             included).
     """
-    orders = _torch_compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
+    orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
     return {r: list(acts) for r, acts in enumerate(orders)}
 
 
@@ -465,7 +475,7 @@ def staleness(
         ValueError: bad arguments (see :func:`schedule_actions`), or ``update_every`` not a
             positive divisor of ``n_microbatches``.
     """
-    orders = _torch_compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
+    orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
     _check_positive_int(update_every, "update_every")
     if n_microbatches % update_every:
         raise ValueError(
@@ -577,7 +587,7 @@ def timeline(
         if not value > 0:
             raise ValueError(f"durations[{kind!r}] must be > 0, got {value}")
 
-    orders = _torch_compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
+    orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
     num_stages = 1 + max(a.stage for acts in orders for a in acts)
     bwd_kind = {(a.stage, a.microbatch): a.kind for acts in orders for a in acts if a.kind in "BI"}
 
@@ -682,6 +692,7 @@ def render_timeline(
     Returns:
         The path written.
     """
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -719,6 +730,7 @@ def render_timeline(
             fontsize=7 if multi else 8,
             color="white",
             fontweight="bold",
+            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")],
         )
     ax.set_yticks(ranks)
     ax.set_yticklabels([f"rank {r}" for r in ranks])

@@ -1,0 +1,37 @@
+"""Every optimizer configuration the shared suite runs (optax ``_common_test`` style)."""
+
+from __future__ import annotations
+
+import torch
+
+O = torch.optim
+
+# name -> (factory(params, lr), prediction exact under a constant gradient)
+OPTIMIZERS = {
+    "sgd": (lambda p, lr: O.SGD(p, lr=lr), True),
+    "sgd-wd": (lambda p, lr: O.SGD(p, lr=lr, weight_decay=0.01), False),
+    "sgd-momentum": (lambda p, lr: O.SGD(p, lr=lr, momentum=0.9), False),
+    "sgd-dampening": (lambda p, lr: O.SGD(p, lr=lr, momentum=0.9, dampening=0.5), False),
+    "sgd-nesterov": (lambda p, lr: O.SGD(p, lr=lr, momentum=0.9, nesterov=True), False),
+    "sgd-maximize": (lambda p, lr: O.SGD(p, lr=lr, momentum=0.5, maximize=True), False),
+    "adam": (lambda p, lr: O.Adam(p, lr=lr), True),
+    "adam-l2": (lambda p, lr: O.Adam(p, lr=lr, weight_decay=0.01), False),
+    "adam-amsgrad": (lambda p, lr: O.Adam(p, lr=lr, amsgrad=True, eps=1e-6), True),
+    "adam-maximize": (lambda p, lr: O.Adam(p, lr=lr, maximize=True), True),
+    "adamw": (lambda p, lr: O.AdamW(p, lr=lr, weight_decay=0.1), True),
+    "adamw-amsgrad": (lambda p, lr: O.AdamW(p, lr=lr, weight_decay=0.05, amsgrad=True), True),
+    "adamax": (lambda p, lr: O.Adamax(p, lr=lr), True),
+    "nadam": (lambda p, lr: O.NAdam(p, lr=lr), False),
+    "nadam-decoupled": (lambda p, lr: O.NAdam(p, lr=lr, weight_decay=0.01,
+                                              decoupled_weight_decay=True), False),
+    "radam": (lambda p, lr: O.RAdam(p, lr=lr), False),
+    "radam-decoupled": (lambda p, lr: O.RAdam(p, lr=lr, weight_decay=0.01,
+                                              decoupled_weight_decay=True), False),
+    "rmsprop": (lambda p, lr: O.RMSprop(p, lr=lr), False),
+    "rmsprop-centered": (lambda p, lr: O.RMSprop(p, lr=lr, centered=True), False),
+    "rmsprop-momentum": (lambda p, lr: O.RMSprop(p, lr=lr, momentum=0.9, centered=True), False),
+    "adagrad": (lambda p, lr: O.Adagrad(p, lr=lr), False),
+    "adadelta": (lambda p, lr: O.Adadelta(p, lr=lr), False),
+    "rprop": (lambda p, lr: O.Rprop(p, lr=lr), False),
+    "asgd": (lambda p, lr: O.ASGD(p, lr=lr), False),
+}

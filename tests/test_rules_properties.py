@@ -1,0 +1,94 @@
+"""The shared property suite: every optimizer in the catalogue through the same checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from predictopt import testing
+from tests.catalog import OPTIMIZERS
+
+warnings.filterwarnings("ignore", message="predictopt has no prediction rule")
+
+PROPS = settings(max_examples=6, deadline=None)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@PROPS
+@given(shapes=testing.shapes(), dtype=testing.dtypes(), lr=testing.learning_rates(),
+       steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_restore_and_purity(name, shapes, dtype, lr, steps, seed):
+    factory, _ = OPTIMIZERS[name]
+    make = lambda ps: factory(ps, lr)  # noqa: E731
+    testing.check_restore_exact(make, testing.make_params(shapes, dtype, seed), steps=steps)
+    testing.check_predict_is_pure(make, testing.make_params(shapes, dtype, seed), steps=steps)
+    testing.check_after_zero_grad(make, testing.make_params(shapes, dtype, seed), steps=steps)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@PROPS
+@given(shapes=testing.shapes(), dtype=testing.dtypes(), lr=testing.learning_rates(),
+       seed=st.integers(0, 2**16))
+def test_steps_zero_is_the_bare_optimizer(name, shapes, dtype, lr, seed):
+    factory, _ = OPTIMIZERS[name]
+    testing.check_steps_zero_identity(lambda ps: factory(ps, lr),
+                                      testing.make_params(shapes, dtype, seed))
+
+
+EXACT = sorted(n for n, (_, exact) in OPTIMIZERS.items() if exact)
+
+
+@pytest.mark.parametrize("name", EXACT)
+@PROPS
+@given(shapes=testing.shapes(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       lr=testing.learning_rates(), steps=st.integers(1, 8), warmup=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_constant_gradient_is_exact(name, shapes, dtype, lr, steps, warmup, seed):
+    factory, _ = OPTIMIZERS[name]
+    testing.check_constant_gradient_exact(lambda ps: factory(ps, lr),
+                                          testing.make_params(shapes, dtype, seed),
+                                          steps=steps, warmup=warmup)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamax", "adam-amsgrad"])
+@PROPS
+@given(steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_observed_rule_exact_when_updates_are_constant(name, steps, seed):
+    """The generic rule is exact for any optimizer whose update is constant."""
+    factory, _ = OPTIMIZERS[name]
+    testing.check_constant_gradient_exact(lambda ps: factory(ps, 1e-2),
+                                          testing.make_params([(4, 3), (2,)], seed=seed),
+                                          steps=steps, rule="observed")
+
+
+def test_constant_gradient_check_can_fail():
+    """The exactness check rejects a rule that is not exact (momentum SGD drifts)."""
+    factory, _ = OPTIMIZERS["sgd-momentum"]
+    with pytest.raises(AssertionError, match="constant gradient"):
+        testing.check_constant_gradient_exact(lambda ps: factory(ps, 0.1),
+                                              testing.make_params([(5,)]), steps=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_rule_runs_whole_suite(dtype):
+    testing.check_rule(lambda ps: torch.optim.AdamW(ps, lr=1e-2), dtype=dtype,
+                       constant_gradient=dtype != torch.bfloat16)
+
+
+def test_several_param_groups_use_their_own_hyperparameters():
+    ps = testing.make_params([(3,), (4,)])
+    opt = torch.optim.Adam([{"params": [ps[0]], "lr": 0.1}, {"params": [ps[1]], "lr": 0.01}])
+    testing.run_updates(opt, ps, 3)
+    from predictopt import predict
+
+    pred = predict(opt, 2)
+    for p, lr in zip(ps, (0.1, 0.01)):
+        st_ = opt.state[p]
+        t = st_["step"].item()
+        denom = st_["exp_avg_sq"].sqrt() / (1 - 0.999**t) ** 0.5 + 1e-8
+        expected = p.detach() - 2 * lr * (st_["exp_avg"] / (1 - 0.9**t)) / denom
+        torch.testing.assert_close(pred[p], expected, rtol=1e-6, atol=1e-7)
