@@ -2,13 +2,13 @@ r"""Fidelity of a prediction rule on a real training run.
 
 The fidelity ratio at horizon ``s`` is
 
-.. math::
-
-    \rho(s) = \frac{\operatorname{mean}_t \lVert \hat w_t(s) - w_{t+s} \rVert}
-                   {\operatorname{mean}_t \lVert w_t - w_{t+s} \rVert},
+$$
+\rho(s) = \frac{\operatorname{mean}_t \lVert \hat w_t(s) - w_{t+s} \rVert}
+{\operatorname{mean}_t \lVert w_t - w_{t+s} \rVert},
+$$
 
 how far the prediction made at update ``t`` lands from the weights the run actually reached ``s``
-updates later, relative to how far the stale weights :math:`w_t` are from them. ``rho < 1``
+updates later, relative to how far the stale weights $w_t$ are from them. ``rho < 1``
 means prediction helps; ``rho >= 1`` means it hurts.
 """
 
@@ -45,7 +45,7 @@ def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer
                     batch_size: int = 32, seed: int = 0, rule: str | None = None,
                     problem: Callable[[int], tuple[nn.Module, torch.Tensor, torch.Tensor]]
                     = digits_mlp_problem) -> dict[int, float]:
-    """Train a small model with minibatch noise and measure :math:`\\rho(s)` for each horizon.
+    """Train a small model with minibatch noise and measure $\\rho(s)$ for each horizon.
 
     Args:
         make_optimizer: Builds the bare optimizer from the model's parameters.

@@ -7,10 +7,12 @@ never go stale after ``load_state_dict``). Its checkpoints are the wrapped optim
 
 Prediction (XGrad / PipeOptim): inside ``with opt.predicted():`` the parameters hold
 
-.. math:: \hat w(s) = a\,w - C\,D_t \quad (= w - s\,\eta\,D_t \text{ without decoupled decay}),
+$$
+\hat w(s) = a\,w - C\,D_t \quad (= w - s\,\eta\,D_t \text{ without decoupled decay}),
+$$
 
 the weights ``s`` updates ahead if every update repeats the optimizer's current direction
-:math:`D_t` (rules: :mod:`predictopt.rules`). On exit, also on an exception, the real weights are
+$D_t$ (rules: `predictopt.rules`). On exit, also on an exception, the real weights are
 copied back bit for bit; gradients computed inside stay in ``.grad``.
 """
 
@@ -68,10 +70,10 @@ class PredictiveOptimizer(Optimizer):
 
     Args:
         optimizer: The ``torch.optim.Optimizer`` to wrap (its state is the only state).
-        steps: The default horizon ``s >= 0`` of :meth:`predicted` / :meth:`predict_`.
+        steps: The default horizon ``s >= 0`` of `predicted` / `predict_`.
         rule: ``None`` (the default rule of the optimizer's class, found along its MRO), a
-            registered rule name (:func:`predictopt.available_rules`) or a
-            :class:`~predictopt.rules.PredictionRule`.
+            registered rule name (`predictopt.available_rules`) or a
+            `predictopt.rules.PredictionRule`.
 
     Raises:
         TypeError: ``optimizer`` is not an ``Optimizer`` (or already a ``PredictiveOptimizer``),
@@ -128,7 +130,7 @@ class PredictiveOptimizer(Optimizer):
 
     def predict_(self, steps: int | None = None, *,
                  lrs: Sequence[Sequence[float]] | None = None) -> None:
-        r"""Replace the parameters by :math:`\hat w(s)` in place; undo with :meth:`restore_`.
+        r"""Replace the parameters by $\hat w(s)$ in place; undo with `restore_`.
 
         Args:
             steps: The horizon ``s``; default: the wrapper's ``steps``.

@@ -1,14 +1,16 @@
 r"""The prediction engine: applies a rule's directions to the weights with ``_foreach`` kernels.
 
-For every parameter group, split by device and dtype, the rule (see :mod:`predictopt.rules`)
-returns directions :math:`D` per unit learning rate; the engine forms
+For every parameter group, split by device and dtype, the rule (see `predictopt.rules`)
+returns directions $D$ per unit learning rate; the engine forms
 
-.. math:: \hat w = a\,w - C\,D
+$$
+\hat w = a\,w - C\,D
+$$
 
-with :math:`a` and :math:`C` from the future learning rates :math:`\eta_1..\eta_s` and the
-decoupled decay :math:`\lambda` (:func:`coefficients`). :func:`predict` returns new tensors and
-changes nothing; :func:`predict_` writes the prediction into the parameters and returns the saved
-real values, which :func:`restore_` copies back bit for bit (never "adding the step back":
+with $a$ and $C$ from the future learning rates $\eta_1..\eta_s$ and the
+decoupled decay $\lambda$ (`coefficients`). `predict` returns new tensors and
+changes nothing; `predict_` writes the prediction into the parameters and returns the saved
+real values, which `restore_` copies back bit for bit (never "adding the step back":
 ``w - x + x != w`` in floating point).
 """
 
@@ -34,16 +36,16 @@ Plan = list[tuple[list[Tensor], list[Tensor], float, float]]
 
 
 def coefficients(lrs: Sequence[float], decay: float = 0.0) -> tuple[float, float]:
-    r"""The coefficients :math:`(a, C)` of :math:`\hat w = a w - C D` for the given future lrs.
+    r"""The coefficients $(a, C)$ of $\hat w = a w - C D$ for the given future lrs.
 
-    Each future update is :math:`w \leftarrow (1-\eta_j\lambda) w - \eta_j D`, so
-    :math:`a = \prod_j (1-\eta_j\lambda)` and :math:`C_j = (1-\eta_j\lambda) C_{j-1} + \eta_j`.
-    With equal learning rates and :math:`\lambda = 0`, :math:`a = 1` and :math:`C = s\eta`
+    Each future update is $w \leftarrow (1-\eta_j\lambda) w - \eta_j D$, so
+    $a = \prod_j (1-\eta_j\lambda)$ and $C_j = (1-\eta_j\lambda) C_{j-1} + \eta_j$.
+    With equal learning rates and $\lambda = 0$, $a = 1$ and $C = s\eta$
     exactly (computed as one product, not a sum of ``s`` terms).
 
     Args:
         lrs: The learning rates of the ``s`` future updates.
-        decay: The decoupled weight decay :math:`\lambda`.
+        decay: The decoupled weight decay $\lambda$.
     """
     lrs = [float(x) for x in lrs]
     if not lrs:
@@ -105,10 +107,10 @@ def plan(optimizer: Optimizer, rule: PredictionRule, steps: int,
 def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
             rule: str | PredictionRule | None = None,
             lrs: Sequence[Sequence[float]] | None = None) -> dict[Tensor, Tensor]:
-    r"""The predicted value of every parameter, :math:`\hat w(s)`, changing nothing.
+    r"""The predicted value of every parameter, $\hat w(s)$, changing nothing.
 
     Args:
-        optimizer: A bare ``torch.optim.Optimizer`` or a :class:`PredictiveOptimizer` (whose
+        optimizer: A bare ``torch.optim.Optimizer`` or a `PredictiveOptimizer` (whose
             rule is then used unless ``rule`` is given).
         steps: The horizon ``s >= 0``.
         rule: A rule name or object; default: the wrapper's rule, else the optimizer's default.
@@ -116,8 +118,8 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
 
     Returns:
         A dict from each parameter to a tensor without autograd history: a new tensor holding
-        :math:`\hat w` where the rule has a direction, else ``p.detach()`` (the current value,
-        sharing storage). Feed it to :func:`torch.func.functional_call`.
+        $\hat w$ where the rule has a direction, else ``p.detach()`` (the current value,
+        sharing storage). Feed it to `torch.func.functional_call`.
     """
     steps = _check_steps(steps)
     inner, rule_obj = _unwrap(optimizer, rule)
@@ -149,7 +151,7 @@ def predict_(optimizer: Optimizer, rule: PredictionRule, steps: int,
              scales: Sequence[float] | None = None) -> list[tuple[list[Tensor], list[Tensor]]]:
     """Write the prediction into the parameters in place; return ``(params, saved)`` pairs.
 
-    Holds one copy of the predicted parameters (the saved real values) until :func:`restore_`;
+    Holds one copy of the predicted parameters (the saved real values) until `restore_`;
     while computing, the new values take one more, freed on return.
     The in-place writes bump the parameters' version counters, so an autograd graph built on
     the predicted weights cannot silently be back-propagated after the restore.

@@ -2,30 +2,30 @@ r"""Prediction rules: the update direction each optimizer would apply next.
 
 Weight prediction (XGrad, PipeOptim, SpecTrain, XPipe) replaces the current weights by the
 weights ``s`` updates ahead, assuming every one of those updates repeats the optimizer's current
-update direction :math:`D_t`:
+update direction $D_t$:
 
-.. math::
+$$
+\hat w(s) = a\,w_t - C\,D_t, \qquad
+a = \prod_{j=1}^{s} (1 - \eta_j \lambda), \qquad
+C = \sum_{j=1}^{s} \eta_j \prod_{i=j+1}^{s} (1 - \eta_i \lambda),
+$$
 
-    \hat w(s) = a\,w_t - C\,D_t, \qquad
-    a = \prod_{j=1}^{s} (1 - \eta_j \lambda), \qquad
-    C = \sum_{j=1}^{s} \eta_j \prod_{i=j+1}^{s} (1 - \eta_i \lambda),
-
-where :math:`\eta_j` is the learning rate of the ``j``-th future update (``s`` times the current
-``lr`` unless a schedule is known) and :math:`\lambda` the *decoupled* weight decay (AdamW,
+where $\eta_j$ is the learning rate of the ``j``-th future update (``s`` times the current
+``lr`` unless a schedule is known) and $\lambda$ the *decoupled* weight decay (AdamW,
 ``decoupled_weight_decay=True``; zero otherwise). With a constant learning rate and no decoupled
-decay this is the familiar :math:`\hat w = w_t - s\,\eta\,D_t`.
+decay this is the familiar $\hat w = w_t - s\,\eta\,D_t$.
 
 This module holds the math of every rule, one class per optimizer family; the engine that applies
-:math:`a` and :math:`C` lives in :mod:`predictopt.prediction`. A rule reads only the optimizer's own
+$a$ and $C$ lives in `predictopt.prediction`. A rule reads only the optimizer's own
 state (never ``.grad``, which ``zero_grad()`` may have cleared). Rules for optimizers whose state
 holds no smoothed update direction (SGD without momentum, plain RMSprop, Adagrad, Adadelta and any
-optimizer without a rule) use :class:`ObservedUpdateRule`: the wrapper records every real update
+optimizer without a rule) use `ObservedUpdateRule`: the wrapper records every real update
 ``delta = w_after - w_before`` at ``step()`` and the rule predicts along an exponential moving
 average of ``-delta / lr``. Repeating only the last update is mostly noise for such optimizers
 and predicts *worse* than the stale weights; the average does not.
 
 Every direction returned is "per unit learning rate": the real update of the optimizer is
-:math:`-\eta D_t` (plus decoupled decay).
+$-\eta D_t$ (plus decoupled decay).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ __all__ = [
     "OBSERVED_KEY",
 ]
 
-#: Key of the per-parameter optimizer state in which :class:`ObservedUpdateRule` keeps its
+#: Key of the per-parameter optimizer state in which `ObservedUpdateRule` keeps its
 #: moving average. It lives in the wrapped optimizer's own ``state`` so checkpoints stay standard
 #: (a bare torch optimizer ignores the extra key).
 OBSERVED_KEY = "predictopt_direction"
@@ -70,7 +70,7 @@ def _value(x: Any) -> float:
 class PredictionRule:
     """Base class of a prediction rule.
 
-    Subclasses implement :meth:`directions` (and :meth:`decoupled_decay` where the optimizer
+    Subclasses implement `directions` (and `decoupled_decay` where the optimizer
     shrinks the weights multiplicatively). A rule is stateless: anything it needs must live in the
     optimizer's ``state`` so that checkpoints carry it.
 
@@ -83,7 +83,7 @@ class PredictionRule:
     def directions(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict]
     ) -> Directions:
-        r"""The update direction :math:`D` per unit learning rate of the parameters of one group.
+        r"""The update direction $D$ per unit learning rate of the parameters of one group.
 
         Args:
             group: The optimizer's parameter group (hyper-parameters).
@@ -97,7 +97,7 @@ class PredictionRule:
         raise NotImplementedError
 
     def decoupled_decay(self, group: dict[str, Any]) -> float:
-        r"""The decoupled weight-decay coefficient :math:`\lambda` of the group (0 if none)."""
+        r"""The decoupled weight-decay coefficient $\lambda$ of the group (0 if none)."""
         return 0.0
 
     def observes(self, group: dict[str, Any]) -> bool:
@@ -112,14 +112,16 @@ class ObservedUpdateRule(PredictionRule):
     r"""Generic rule for any optimizer: an average of the updates the wrapper observed.
 
     At every ``step()`` the wrapper records, for each parameter that had a gradient,
-    :math:`d = (w_{before} - w_{after}) / \eta` and folds it into
+    $d = (w_{before} - w_{after}) / \eta$ and folds it into
 
-    .. math:: \bar d \leftarrow \beta \bar d + (1-\beta) d
+    $$
+    \bar d \leftarrow \beta \bar d + (1-\beta) d
+    $$
 
-    (:math:`\bar d = d` at the first step),
+    ($\bar d = d$ at the first step),
 
     kept in ``optimizer.state[p]["predictopt_direction"]``. The prediction is
-    :math:`\hat w = w - s\,\eta\,\bar d`. With ``beta=0`` this is "repeat the last update" (the
+    $\hat w = w - s\,\eta\,\bar d$. With ``beta=0`` this is "repeat the last update" (the
     REFERENCE's generic rule). When the updates are constant the average equals them exactly, so
     the prediction is exact up to rounding for any such optimizer. Costs one stored copy of the
     weights (the average) and one transient copy during ``step()``.
@@ -176,14 +178,14 @@ class ObservedUpdateRule(PredictionRule):
 
 
 class SGDRule(ObservedUpdateRule):
-    r"""SGD: the momentum buffer :math:`b_t` (PipeOptim, SpecTrain, Linear Weight Prediction).
+    r"""SGD: the momentum buffer $b_t$ (PipeOptim, SpecTrain, Linear Weight Prediction).
 
-    torch's SGD updates :math:`w \leftarrow w - \eta\,b_t` with
-    :math:`b_t = \mu b_{t-1} + (1-\tau) g_t` (L2 decay inside :math:`g_t`), so
-    :math:`D = b_t` (negated under ``maximize``). With ``nesterov=True`` the real update
-    :math:`g_t + \mu b_t` needs the gradient, which the state does not hold; :math:`b_t` is its
+    torch's SGD updates $w \leftarrow w - \eta\,b_t$ with
+    $b_t = \mu b_{t-1} + (1-\tau) g_t$ (L2 decay inside $g_t$), so
+    $D = b_t$ (negated under ``maximize``). With ``nesterov=True`` the real update
+    $g_t + \mu b_t$ needs the gradient, which the state does not hold; $b_t$ is its
     steady-state value under a constant gradient and is used instead. Without momentum the state
-    holds nothing, and the rule falls back to :class:`ObservedUpdateRule`.
+    holds nothing, and the rule falls back to `ObservedUpdateRule`.
     """
 
     name = "sgd"
@@ -225,16 +227,16 @@ def _adam_denominators(v: list[Tensor], bc2_sqrt: list[float], eps: float) -> li
 
 
 class AdamRule(PredictionRule):
-    r"""Adam and AdamW: :math:`D = \hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
+    r"""Adam and AdamW: $D = \hat m_t / (\sqrt{\hat v_t} + \epsilon)$.
 
-    Bias corrections at the current step :math:`t` of each parameter,
-    :math:`\hat m_t = m_t/(1-\beta_1^t)`, :math:`\hat v_t = v_t/(1-\beta_2^t)`; the group's own
-    ``eps``; ``max_exp_avg_sq`` in place of :math:`v_t` under AMSGrad. L2 decay (Adam) is already
+    Bias corrections at the current step $t$ of each parameter,
+    $\hat m_t = m_t/(1-\beta_1^t)$, $\hat v_t = v_t/(1-\beta_2^t)$; the group's own
+    ``eps``; ``max_exp_avg_sq`` in place of $v_t$ under AMSGrad. L2 decay (Adam) is already
     inside the moments; decoupled decay (AdamW, or Adam with ``decoupled_weight_decay=True``)
-    enters through :meth:`decoupled_decay` and is applied exactly,
-    :math:`w (1-\eta\lambda)^s - \eta D \sum_{j<s} (1-\eta\lambda)^j`. ``maximize`` is already
-    folded into the moments by torch. Under a constant gradient :math:`\hat m_t = g`,
-    :math:`\hat v_t = g^2` exactly, so the prediction equals the real weights ``s`` steps later.
+    enters through `decoupled_decay` and is applied exactly,
+    $w (1-\eta\lambda)^s - \eta D \sum_{j<s} (1-\eta\lambda)^j$. ``maximize`` is already
+    folded into the moments by torch. Under a constant gradient $\hat m_t = g$,
+    $\hat v_t = g^2$ exactly, so the prediction equals the real weights ``s`` steps later.
     """
 
     name = "adam"
@@ -258,7 +260,7 @@ class AdamRule(PredictionRule):
 
 
 class AdamaxRule(PredictionRule):
-    r"""Adamax: :math:`D = m_t / ((1-\beta_1^t)\,u_t)` with the infinity norm :math:`u_t`
+    r"""Adamax: $D = m_t / ((1-\beta_1^t)\,u_t)$ with the infinity norm $u_t$
     (``exp_inf``, which already contains ``eps``). Exact under a constant gradient."""
 
     name = "adamax"
@@ -274,14 +276,14 @@ class AdamaxRule(PredictionRule):
 
 
 class NAdamRule(AdamRule):
-    r"""NAdam: the Nesterov-weighted Adam direction with the gradient estimated by :math:`\hat m_t`.
+    r"""NAdam: the Nesterov-weighted Adam direction with the gradient estimated by $\hat m_t$.
 
     torch's NAdam applies
-    :math:`\eta\,[\frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t] /
-    (\sqrt{\hat v_t}+\epsilon)` with :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})` and
-    :math:`\Pi_t = \prod_{j\le t}\mu_j` (``mu_product``). The state does not hold :math:`g_t`;
-    the rule uses its smoothed estimate :math:`\hat m_t = m_t/(1-\beta_1^t)` (repeating the last,
-    noisy gradient predicts worse than the stale weights). Decoupled decay as in :class:`AdamRule`.
+    $\eta\,[\frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t] /
+    (\sqrt{\hat v_t}+\epsilon)$ with $\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})$ and
+    $\Pi_t = \prod_{j\le t}\mu_j$ (``mu_product``). The state does not hold $g_t$;
+    the rule uses its smoothed estimate $\hat m_t = m_t/(1-\beta_1^t)$ (repeating the last,
+    noisy gradient predicts worse than the stale weights). Decoupled decay as in `AdamRule`.
     """
 
     name = "nadam"
@@ -308,12 +310,12 @@ class NAdamRule(AdamRule):
 
 
 class RAdamRule(AdamRule):
-    r"""RAdam: :math:`D = \hat m_t\, r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon)` once the
-    variance is tractable (:math:`\rho_t > 5`), else :math:`D = \hat m_t` (SGD with momentum),
-    with :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
-    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)` and the rectification
-    :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`,
-    exactly as torch's RAdam at the current step. Decoupled decay as in :class:`AdamRule`."""
+    r"""RAdam: $D = \hat m_t\, r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon)$ once the
+    variance is tractable ($\rho_t > 5$), else $D = \hat m_t$ (SGD with momentum),
+    with $\rho_\infty = 2/(1-\beta_2) - 1$,
+    $\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)$ and the rectification
+    $r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}$,
+    exactly as torch's RAdam at the current step. Decoupled decay as in `AdamRule`."""
 
     name = "radam"
 
@@ -344,12 +346,12 @@ class RAdamRule(AdamRule):
 
 
 class RMSpropRule(ObservedUpdateRule):
-    r"""RMSprop: the momentum buffer when ``momentum > 0`` (torch applies :math:`w \leftarrow
-    w - \eta b_t`, :math:`b_t = \mu b_{t-1} + g_t/(\sqrt{\cdot}+\epsilon)`); otherwise, when
-    ``centered``, the smoothed gradient :math:`D = \bar g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)`
+    r"""RMSprop: the momentum buffer when ``momentum > 0`` (torch applies $w \leftarrow
+    w - \eta b_t$, $b_t = \mu b_{t-1} + g_t/(\sqrt{\cdot}+\epsilon)$); otherwise, when
+    ``centered``, the smoothed gradient $D = \bar g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon)$
     (``grad_avg`` is an EMA of the gradient); otherwise the state holds no smoothed gradient and
-    the rule falls back to :class:`ObservedUpdateRule` (the PipeOptim code's
-    :math:`g_t/(\sqrt{v_t}+\epsilon)` needs the last, noisy gradient)."""
+    the rule falls back to `ObservedUpdateRule` (the PipeOptim code's
+    $g_t/(\sqrt{v_t}+\epsilon)$ needs the last, noisy gradient)."""
 
     name = "rmsprop"
 
@@ -394,7 +396,7 @@ def register_rule(name: str, rule: PredictionRule, *,
 
     Args:
         name: The name ``PredictiveOptimizer(rule=name)`` accepts.
-        rule: A :class:`PredictionRule` instance.
+        rule: A `PredictionRule` instance.
         optimizers: Optimizer classes (and, through the MRO, their subclasses) whose default rule
             this becomes.
         overwrite: Replace an existing registration of ``name`` or of one of ``optimizers``.

@@ -6,7 +6,7 @@ One call runs the whole suite on an optimizer factory::
     check_rule(lambda params: MyOptimizer(params, lr=1e-2), rule="my-rule")
 
 Each check raises ``AssertionError`` with a message saying what broke. The hypothesis strategies
-(:func:`shapes`, :func:`dtypes`, :func:`learning_rates`, :func:`horizons`) draw the inputs the
+(`shapes`, `dtypes`, `learning_rates`, `horizons`) draw the inputs the
 project's own suite uses; hypothesis is imported only when they are called.
 """
 

@@ -1,0 +1,30 @@
+# Two entry points (see README.md); each sets up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup compare test lint docs bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-dev.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints-dev.txt -e ".[dev,docs]"
+	touch $@
+
+compare: setup
+	$(VENV)/bin/predictopt compare
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+bench: setup
+	$(PY) -m benchmarks.run_all

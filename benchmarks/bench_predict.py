@@ -1,0 +1,396 @@
+"""Cost of ``predict_()`` + ``restore_()`` against one optimizer step and a per-parameter loop.
+
+For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule) on a stack of
+``nn.Linear`` layers (~200 tensors, ~25M parameters with ``--size full``, ~2M with ``small``):
+
+* ``step``: one ``optimizer.step()`` of the bare optimizer with ``foreach=True``;
+* ``wrapped step``: ``PredictiveOptimizer.step()`` (differs only for rules that record updates);
+* ``predict_`` / ``restore_`` of :class:`predictopt.PredictiveOptimizer`;
+* ``loop``: the same prediction written per parameter in Python, in the style of the original
+  research code (read the state, compute the direction, clone ``p``, ``p.sub_``; restore by
+  copying back).
+
+All variants are timed round-robin inside every repeat (so load from other processes hits all of
+them alike); the table reports medians and ratios against the foreach step of the same run.
+Memory: bytes of the saved real weights (held while predicted) and the peak extra bytes allocated
+during ``predict_`` (CUDA: ``torch.cuda.max_memory_allocated``; CPU: allocator events of the
+torch profiler).
+
+Run: ``python benchmarks/bench_predict.py [--device cpu|cuda] [--size small|full] [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from predictopt import PredictiveOptimizer, coefficients
+from predictopt.rules import OBSERVED_KEY
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (layers, width): every layer holds width*width + width parameters, in two tensors.
+SIZES = {"small": (100, 140), "full": (100, 500)}
+
+Saved = list[tuple[Tensor, Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-parameter reference implementations (research-code style)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def loop_predict_adam(opt: torch.optim.Optimizer, steps: int) -> Saved:
+    """Adam/AdamW: ``w_hat = a w - C m_hat / (sqrt(v_hat) + eps)``, one parameter at a time."""
+    saved = []
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        decay = group["weight_decay"] if group.get("decoupled_weight_decay") else 0.0
+        a, c = coefficients([group["lr"]] * steps, decay)
+        for p in group["params"]:
+            state = opt.state[p]
+            t = state["step"].item()
+            m_hat = state["exp_avg"] / (1 - beta1**t)
+            v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+            direction = m_hat / (v_hat.sqrt() + group["eps"])
+            saved.append((p, p.detach().clone()))
+            if a != 1.0:
+                p.mul_(a)
+            p.sub_(direction, alpha=c)
+    return saved
+
+
+@torch.no_grad()
+def _loop_predict_buffer(opt: torch.optim.Optimizer, steps: int, key: str) -> Saved:
+    saved = []
+    for group in opt.param_groups:
+        c = steps * group["lr"]
+        for p in group["params"]:
+            buf = opt.state[p].get(key)
+            if buf is None:
+                continue
+            saved.append((p, p.detach().clone()))
+            p.sub_(buf, alpha=c)
+    return saved
+
+
+def loop_predict_momentum(opt: torch.optim.Optimizer, steps: int) -> Saved:
+    """SGD with momentum: ``w_hat = w - s lr b``, one parameter at a time."""
+    return _loop_predict_buffer(opt, steps, "momentum_buffer")
+
+
+def loop_predict_observed(opt: torch.optim.Optimizer, steps: int) -> Saved:
+    """The observed rule: ``w_hat = w - s lr d_bar``, one parameter at a time."""
+    return _loop_predict_buffer(opt, steps, OBSERVED_KEY)
+
+
+@torch.no_grad()
+def loop_restore(saved: Saved) -> None:
+    for p, real in saved:
+        p.copy_(real)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    loop: Callable[[torch.optim.Optimizer, int], Saved]
+    rule: str | None = None
+
+
+CASES = [
+    Case("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True),
+         loop_predict_adam),
+    Case("sgd-momentum",
+         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+         loop_predict_momentum),
+    Case("sgd-observed", lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=True),
+         loop_predict_observed, rule="observed"),
+]
+
+
+def build_model(size: str, device: torch.device) -> nn.Module:
+    layers, width = SIZES[size]
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+
+
+def fill_grads(params: list[nn.Parameter]) -> None:
+    for p in params:
+        p.grad = torch.randn_like(p).mul_(1e-2)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and measurements
+# ---------------------------------------------------------------------------------------------
+def check_equivalence(popt: PredictiveOptimizer, case: Case, steps: int) -> float:
+    """Max relative difference between the library's and the loop's predicted weights;
+    also asserts both restores are bit-exact."""
+    params = [p for g in popt.param_groups for p in g["params"]]
+    real = [p.detach().clone() for p in params]
+    popt.predict_(steps)
+    ours = [p.detach().clone() for p in params]
+    popt.restore_()
+    saved = case.loop(popt.optimizer, steps)
+    theirs = [p.detach().clone() for p in params]
+    loop_restore(saved)
+    for p, r in zip(params, real):
+        if not torch.equal(p, r):
+            raise AssertionError("restore is not bit-exact")
+    worst = 0.0
+    for a, b, r in zip(ours, theirs, real):
+        moved = (a - r).abs().max().item()
+        if moved > 0:
+            worst = max(worst, (a - b).abs().max().item() / moved)
+    return worst
+
+
+def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case, steps: int,
+              repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    names = ["step", "wrapped_step", "predict", "restore", "predict_restore", "loop"]
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + repeats):
+        row = {
+            "step": timed(opt.step, device),
+            "wrapped_step": timed(popt.step, device),
+            "predict": timed(lambda: popt.predict_(steps), device),
+            "restore": timed(popt.restore_, device),
+        }
+        row["predict_restore"] = row["predict"] + row["restore"]
+        row["loop"] = timed(lambda: loop_restore(case.loop(opt, steps)), device)
+        if i >= warmup:
+            for n in names:
+                samples[n].append(row[n])
+    return samples
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> tuple[int | None, int | None]:
+    """(peak, net) bytes allocated by torch on the CPU while ``fn`` runs (profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:  # private profiler API; the figure is optional
+        return None, None
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return peak, cur
+
+
+def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base,
+            torch.cuda.memory_allocated(device) - base)
+
+
+def measure_memory(popt: PredictiveOptimizer, case: Case, steps: int,
+                   device: torch.device) -> dict[str, float | int | None]:
+    params = [p for g in popt.param_groups for p in g["params"]]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    measure = ((lambda f: _cuda_peak_bytes(f, device)) if device.type == "cuda"
+               else _cpu_peak_bytes)
+    peak, held = measure(lambda: popt.predict_(steps))
+    saved_bytes = sum(t.numel() * t.element_size() for _, real in popt._saved for t in real)
+    popt.restore_()
+    loop_peak, loop_held = measure(lambda: case.loop(popt.optimizer, steps))
+    loop_saved: Saved = []
+    # The loop's saved copies were dropped by the measure; redo it to restore the weights.
+    loop_saved = case.loop(popt.optimizer, steps)
+    loop_restore(loop_saved)  # undoes the second prediction only
+    return {
+        "param_bytes": param_bytes,
+        "saved_bytes": saved_bytes,
+        "saved_over_params": saved_bytes / param_bytes,
+        "peak_extra_bytes": peak,
+        "peak_extra_over_params": None if peak is None else peak / param_bytes,
+        "held_after_predict_bytes": held,
+        "loop_peak_extra_over_params": None if loop_peak is None else loop_peak / param_bytes,
+    }
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
+    model = build_model(args.size, device)
+    params = list(model.parameters())
+    opt = case.make(params)
+    popt = PredictiveOptimizer(opt, steps=args.steps, rule=case.rule)
+    fill_grads(params)
+    for _ in range(3):  # populate the state (and the observed average)
+        popt.step()
+    snapshot = [p.detach().clone() for p in params]
+    mismatch = check_equivalence(popt, case, args.steps)
+    memory = measure_memory_safely(popt, case, args.steps, device, params, snapshot)
+    samples = time_case(opt, popt, case, args.steps, args.repeats, args.warmup, device)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "case": case.name,
+        "tensors": len(params),
+        "params": sum(p.numel() for p in params),
+        "median_ms": med,
+        "samples_ms": samples,
+        "loop_vs_library_max_rel_diff": mismatch,
+        "memory": memory,
+    }
+
+
+def measure_memory_safely(popt: PredictiveOptimizer, case: Case, steps: int,
+                          device: torch.device, params: list[Tensor],
+                          snapshot: list[Tensor]) -> dict:
+    """``measure_memory``, then put the real weights back exactly (the loop measure above
+    leaves a predicted copy in place)."""
+    out = measure_memory(popt, case, steps, device)
+    with torch.no_grad():
+        for p, w in zip(params, snapshot):
+            p.copy_(w)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, object] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict[str, object]) -> str:
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (f"{info['date']}: {info['cpu']} ({info['cores']} cores available, torch threads "
+            f"{info['torch_threads']}){gpu}, torch {info['torch']}, Python {info['python']}")
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def timing_table(results: list[dict]) -> str:
+    adamw = next((r for r in results if r["case"] == "adamw"), None)
+    adamw_step = adamw["median_ms"]["step"] if adamw else None
+    head = ("| case | step ms | wrapped step ms | predict_ ms | restore_ ms | predict+restore ms "
+            "| (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        m = r["median_ms"]
+        pr = m["predict_restore"]
+        lines.append(
+            f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} | {m['predict']:.1f} "
+            f"| {m['restore']:.1f} | {pr:.1f} | {pr / m['step']:.2f} "
+            f"| {_fmt_ratio(pr / adamw_step if adamw_step else None)} | {m['loop']:.1f} "
+            f"| {m['loop'] / pr:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(results: list[dict]) -> str:
+    lines = ["| case | param MB | saved copy MB | saved / params | peak extra in predict_ / params "
+             "| loop peak extra / params |", "|" + "---|" * 6]
+    for r in results:
+        mem = r["memory"]
+        lines.append(
+            f"| {r['case']} | {mem['param_bytes'] / 2**20:.1f} | {mem['saved_bytes'] / 2**20:.1f} "
+            f"| {mem['saved_over_params']:.2f} | {_fmt_ratio(mem['peak_extra_over_params'])} "
+            f"| {_fmt_ratio(mem['loop_peak_extra_over_params'])} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
+    ap.add_argument("--steps", type=int, default=1, help="prediction horizon s")
+    ap.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
+                    default=[c.name for c in CASES])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default: benchmarks/results/predict_<device>.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    device = torch.device(args.device)
+    info = machine_info(device)
+    results = []
+    for case in CASES:
+        if case.name in args.cases:
+            results.append(run_case(case, args, device))
+    r0 = results[0]
+    print(f"# predict_+restore_ benchmark ({args.size}: {r0['tensors']} tensors, "
+          f"{r0['params'] / 1e6:.1f}M parameters, s={args.steps}, median of {args.repeats})")
+    print(machine_line(info))
+    print()
+    print(timing_table(results))
+    print()
+    print(memory_table(results))
+    report = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()},
+              "results": results}
+    out = args.out or RESULTS / f"predict_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
