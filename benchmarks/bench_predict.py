@@ -22,6 +22,7 @@ Run: ``python benchmarks/bench_predict.py [--device cpu|cuda] [--size small|full
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -29,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,12 +139,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(milliseconds, minor page faults) of one call."""
     sync(device)
+    f0 = minor_faults()
     t0 = time.perf_counter()
     fn()
     sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3, minor_faults() - f0
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,44 +197,53 @@ def check_equivalence(popt: PredictiveOptimizer, case: Case, steps: int) -> floa
     return worst
 
 
+VARIANTS = ["step", "wrapped_step", "predict", "restore", "loop"]
+
+
 def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case, steps: int,
-              repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    names = ["step", "wrapped_step", "predict", "restore", "predict_restore", "loop"]
-    samples: dict[str, list[float]] = {n: [] for n in names}
+              repeats: int, warmup: int, device: torch.device
+              ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Round-robin timings (ms) and minor page faults of every variant, ``repeats`` each."""
+    calls: dict[str, Callable[[], object]] = {
+        "step": opt.step,
+        "wrapped_step": popt.step,
+        "predict": lambda: popt.predict_(steps),
+        "restore": popt.restore_,
+        "loop": lambda: loop_restore(case.loop(opt, steps)),
+    }
+    ms: dict[str, list[float]] = {n: [] for n in VARIANTS + ["predict_restore"]}
+    faults: dict[str, list[int]] = {n: [] for n in VARIANTS}
     for i in range(warmup + repeats):
-        row = {
-            "step": timed(opt.step, device),
-            "wrapped_step": timed(popt.step, device),
-            "predict": timed(lambda: popt.predict_(steps), device),
-            "restore": timed(popt.restore_, device),
-        }
-        row["predict_restore"] = row["predict"] + row["restore"]
-        row["loop"] = timed(lambda: loop_restore(case.loop(opt, steps)), device)
-        if i >= warmup:
-            for n in names:
-                samples[n].append(row[n])
-    return samples
+        row = {n: timed(calls[n], device) for n in VARIANTS}
+        if i < warmup:
+            continue
+        for n in VARIANTS:
+            ms[n].append(row[n][0])
+            faults[n].append(row[n][1])
+        ms["predict_restore"].append(row["predict"][0] + row["restore"][0])
+    return ms, faults
 
 
-def _cpu_peak_bytes(fn: Callable[[], object]) -> tuple[int | None, int | None]:
+def _peak_bytes_cpu(fn: Callable[[], object]) -> tuple[int | None, int | None]:
     """(peak, net) bytes allocated by torch on the CPU while ``fn`` runs (profiler events)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
             fn()
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:  # private profiler API; the figure is optional
         return None, None
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
-        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
+        if str(e.device_type()).endswith("CPU"):
             cur += e.nbytes()
             peak = max(peak, cur)
     return peak, cur
 
 
-def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+def _peak_bytes_cuda(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
     sync(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -220,27 +255,42 @@ def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[in
 
 def measure_memory(popt: PredictiveOptimizer, case: Case, steps: int,
                    device: torch.device) -> dict[str, float | int | None]:
+    """Bytes held while predicted and peak extra bytes during the prediction, both ways."""
     params = [p for g in popt.param_groups for p in g["params"]]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    measure = ((lambda f: _cuda_peak_bytes(f, device)) if device.type == "cuda"
-               else _cpu_peak_bytes)
+    measure = ((lambda f: _peak_bytes_cuda(f, device)) if device.type == "cuda"
+               else _peak_bytes_cpu)
     peak, held = measure(lambda: popt.predict_(steps))
     saved_bytes = sum(t.numel() * t.element_size() for _, real in popt._saved for t in real)
     popt.restore_()
-    loop_peak, loop_held = measure(lambda: case.loop(popt.optimizer, steps))
-    loop_saved: Saved = []
-    # The loop's saved copies were dropped by the measure; redo it to restore the weights.
-    loop_saved = case.loop(popt.optimizer, steps)
-    loop_restore(loop_saved)  # undoes the second prediction only
+    holder: list[Saved] = []
+    loop_peak, _ = measure(lambda: holder.append(case.loop(popt.optimizer, steps)))
+    loop_restore(holder.pop())
     return {
         "param_bytes": param_bytes,
         "saved_bytes": saved_bytes,
         "saved_over_params": saved_bytes / param_bytes,
         "peak_extra_bytes": peak,
-        "peak_extra_over_params": None if peak is None else peak / param_bytes,
+        "peak_extra_over_params": _over(peak, param_bytes),
         "held_after_predict_bytes": held,
-        "loop_peak_extra_over_params": None if loop_peak is None else loop_peak / param_bytes,
+        "loop_peak_extra_over_params": _over(loop_peak, param_bytes),
     }
+
+
+def _over(x: int | None, total: int) -> float | None:
+    return None if x is None else x / total
+
+
+def print_profile(popt: PredictiveOptimizer, case: Case, steps: int) -> None:
+    """The torch profiler's top operators of predict_+restore_ and of the loop."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, fn in [("predict_+restore_", lambda: (popt.predict_(steps), popt.restore_())),
+                      ("loop", lambda: loop_restore(case.loop(popt.optimizer, steps)))]:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n## {case.name}: {label}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
@@ -251,32 +301,21 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
     fill_grads(params)
     for _ in range(3):  # populate the state (and the observed average)
         popt.step()
-    snapshot = [p.detach().clone() for p in params]
     mismatch = check_equivalence(popt, case, args.steps)
-    memory = measure_memory_safely(popt, case, args.steps, device, params, snapshot)
-    samples = time_case(opt, popt, case, args.steps, args.repeats, args.warmup, device)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    memory = measure_memory(popt, case, args.steps, device)
+    samples, faults = time_case(opt, popt, case, args.steps, args.repeats, args.warmup, device)
+    if args.profile:
+        print_profile(popt, case, args.steps)
     return {
         "case": case.name,
         "tensors": len(params),
         "params": sum(p.numel() for p in params),
-        "median_ms": med,
+        "median_ms": {k: statistics.median(v) for k, v in samples.items()},
         "samples_ms": samples,
+        "median_minor_faults": {k: statistics.median(v) for k, v in faults.items()},
         "loop_vs_library_max_rel_diff": mismatch,
         "memory": memory,
     }
-
-
-def measure_memory_safely(popt: PredictiveOptimizer, case: Case, steps: int,
-                          device: torch.device, params: list[Tensor],
-                          snapshot: list[Tensor]) -> dict:
-    """``measure_memory``, then put the real weights back exactly (the loop measure above
-    leaves a predicted copy in place)."""
-    out = measure_memory(popt, case, steps, device)
-    with torch.no_grad():
-        for p, w in zip(params, snapshot):
-            p.copy_(w)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,16 +363,19 @@ def timing_table(results: list[dict]) -> str:
     adamw = next((r for r in results if r["case"] == "adamw"), None)
     adamw_step = adamw["median_ms"]["step"] if adamw else None
     head = ("| case | step ms | wrapped step ms | predict_ ms | restore_ ms | predict+restore ms "
-            "| (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) |")
-    lines = [head, "|" + "---|" * 10]
+            "| (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) "
+            "| page faults (k): step, p+r, loop |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
-        m = r["median_ms"]
+        m, f = r["median_ms"], r["median_minor_faults"]
         pr = m["predict_restore"]
+        faults = ", ".join(f"{x / 1e3:.0f}" for x in
+                           (f["step"], f["predict"] + f["restore"], f["loop"]))
         lines.append(
             f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} | {m['predict']:.1f} "
             f"| {m['restore']:.1f} | {pr:.1f} | {pr / m['step']:.2f} "
             f"| {_fmt_ratio(pr / adamw_step if adamw_step else None)} | {m['loop']:.1f} "
-            f"| {m['loop'] / pr:.2f} |"
+            f"| {m['loop'] / pr:.2f} | {faults} |"
         )
     return "\n".join(lines)
 
@@ -360,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=1, help="prediction horizon s")
     ap.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
                     default=[c.name for c in CASES])
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the profiler's top operators of each variant")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default: benchmarks/results/predict_<device>.json)")
     return ap.parse_args(argv)

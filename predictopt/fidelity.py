@@ -43,6 +43,7 @@ def digits_mlp_problem(seed: int = 0, hidden: int = 32
 def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer], *,
                     steps: Sequence[int] = (1, 2, 4), updates: int = 300, warmup: int = 20,
                     batch_size: int = 32, seed: int = 0, rule: str | None = None,
+                    calibrate: bool = False,
                     problem: Callable[[int], tuple[nn.Module, torch.Tensor, torch.Tensor]]
                     = digits_mlp_problem) -> dict[int, float]:
     """Train a small model with minibatch noise and measure $\\rho(s)$ for each horizon.
@@ -55,6 +56,7 @@ def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer
         batch_size: Minibatch size (small batches make the gradient noisy).
         seed: Seed of the model and of the batch order.
         rule: A rule name to force; default: the optimizer's own rule.
+        calibrate: Use calibrated prediction (`PredictiveOptimizer(calibrate=True)`).
         problem: ``seed -> (model, x, y)``.
 
     Returns:
@@ -62,7 +64,8 @@ def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer
     """
     model, x, y = problem(seed)
     params = list(model.parameters())
-    opt = PredictiveOptimizer(make_optimizer(params), steps=max(steps), rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=max(steps), rule=rule,
+                              calibrate=calibrate)
     gen = torch.Generator().manual_seed(seed)
     flat = lambda ts: torch.cat([t.detach().reshape(-1).double() for t in ts])  # noqa: E731
     history: list[torch.Tensor] = []

@@ -2,21 +2,21 @@ r"""REX learning-rate schedule (Chen et al. 2021) with an optional linear warm-u
 
 REX ("Reflected EXponential") decays the learning rate from ``max_lr`` to ``min_lr`` as
 
-.. math::
-
-    \eta(t) = \eta_{\min} + (\eta_{\max} - \eta_{\min}) \frac{1 - z}{1 - z/2},
-    \qquad z = t / T,
+$$
+\eta(t) = \eta_{\min} + (\eta_{\max} - \eta_{\min}) \frac{1 - z}{1 - z/2},
+\qquad z = t / T,
+$$
 
 where ``t`` counts optimizer updates since the end of the warm-up and ``T`` is the length of the
 decay phase. It stays close to ``max_lr`` longer than a linear decay and drops faster at the end.
 
 Two entry points are provided:
 
-* :func:`rex_lr`, a pure function that evaluates the schedule at any step. Code that needs the
+* `rex_lr`, a pure function that evaluates the schedule at any step. Code that needs the
   learning rates of *future* updates (for example a weight predictor spanning ``s`` updates, which
   should sum the next ``s`` learning rates rather than multiply the current one by ``s``) can call
   it without touching a scheduler.
-* :class:`REX`, a regular :class:`torch.optim.lr_scheduler.LRScheduler` built on :func:`rex_lr`,
+* `REX`, a regular `torch.optim.lr_scheduler.LRScheduler` built on `rex_lr`,
   stepped once per optimizer update.
 """
 
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["REX", "rex_lr"]
+__all__ = ["REX", "rex_lr", "future_lrs"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -90,17 +90,17 @@ def rex_lr(
     rate that update uses (``REX`` sets it after ``step`` calls of ``scheduler.step()``). With
     ``W = warmup_steps`` and ``T = total_steps - W``:
 
-    .. math::
-
-        \eta(\text{step}) =
-        \begin{cases}
-            \eta_{\max} \cdot \dfrac{\text{step} + 1}{W}
-                & 0 \le \text{step} < W \quad\text{(warm-up)} \\[2ex]
-            \eta_{\min} + (\eta_{\max} - \eta_{\min}) \dfrac{1 - z}{1 - z/2},
-            \; z = \dfrac{\text{step} - W}{T}
-                & W \le \text{step} \le \text{total\_steps} \\[2ex]
-            \eta_{\min} & \text{step} \ge \text{total\_steps}
-        \end{cases}
+    $$
+    \eta(\text{step}) =
+    \begin{cases}
+    \eta_{\max} \cdot \dfrac{\text{step} + 1}{W}
+    & 0 \le \text{step} < W \quad\text{(warm-up)} \\[2ex]
+    \eta_{\min} + (\eta_{\max} - \eta_{\min}) \dfrac{1 - z}{1 - z/2},
+    \; z = \dfrac{\text{step} - W}{T}
+    & W \le \text{step} \le \text{total\_steps} \\[2ex]
+    \eta_{\min} & \text{step} \ge \text{total\_steps}
+    \end{cases}
+    $$
 
     Warm-up therefore starts at ``max_lr / W`` on the first update (never at 0, which would
     waste an update) and reaches ``max_lr`` exactly on update ``W - 1``; the decay phase starts
@@ -109,7 +109,7 @@ def rex_lr(
     ``step == total_steps`` is ``min_lr`` (``z = 1``): after ``total_steps`` updates and as many
     scheduler steps the optimizer is left at ``min_lr``, while the last update of a run of
     exactly ``total_steps`` updates uses ``rex_lr(total_steps - 1)``, which is above ``min_lr``
-    (the same convention as :class:`torch.optim.lr_scheduler.PolynomialLR`).
+    (the same convention as `torch.optim.lr_scheduler.PolynomialLR`).
 
     Numerics: the decay factor is computed as ``2 (T - t) / (2T - t)`` (same value as
     ``(1 - z) / (1 - z/2)``) from exact integers, so it is a single correctly rounded division;
@@ -142,7 +142,7 @@ def rex_lr(
 def _rex_unchecked(
     step: int, total_steps: int, max_lr: float, min_lr: float, warmup_steps: int
 ) -> float:
-    """The math of :func:`rex_lr`, without argument validation."""
+    """The math of `rex_lr`, without argument validation."""
     if step < warmup_steps:
         # (step + 1) / W is exactly 1.0 at step = W - 1, so the ramp ends exactly on max_lr.
         return max_lr * ((step + 1) / warmup_steps)
@@ -162,20 +162,20 @@ class REX(LRScheduler):
 
     For every parameter group, with ``max_lr`` the group's ``initial_lr`` (its ``lr`` when the
     scheduler is created) and ``step`` the number of ``scheduler.step()`` calls so far
-    (:attr:`last_epoch`), the group's learning rate is
-    ``rex_lr(step, total_steps, max_lr, min_lr, warmup_steps)`` (see :func:`rex_lr`):
+    (`last_epoch`), the group's learning rate is
+    ``rex_lr(step, total_steps, max_lr, min_lr, warmup_steps)`` (see `rex_lr`):
 
-    .. math::
-
-        \eta = \eta_{\min} + (\eta_{\max} - \eta_{\min}) \frac{1 - z}{1 - z/2},
-        \quad z = \frac{\text{step} - W}{\text{total\_steps} - W},
+    $$
+    \eta = \eta_{\min} + (\eta_{\max} - \eta_{\min}) \frac{1 - z}{1 - z/2},
+    \quad z = \frac{\text{step} - W}{\text{total\_steps} - W},
+    $$
 
     after a linear warm-up ``eta_max * (step + 1) / W`` over the first ``W = warmup_steps``
     updates; it stays at ``min_lr`` once ``step >= total_steps``. Call ``scheduler.step()`` after
     every ``optimizer.step()``.
 
-    The schedule is computed in closed form from :attr:`base_lrs` (changes made to
-    ``group["lr"]`` by hand are overwritten at the next step), and :meth:`rex_lr_at` evaluates
+    The schedule is computed in closed form from `base_lrs` (changes made to
+    ``group["lr"]`` by hand are overwritten at the next step), and `rex_lr_at` evaluates
     it at any future step without changing anything.
 
     Args:
@@ -283,7 +283,7 @@ class REX(LRScheduler):
         return out
 
     def get_lr(self) -> list[float | Tensor]:
-        """Return the learning rates for step :attr:`last_epoch` (closed form, see class doc).
+        """Return the learning rates for step `last_epoch` (closed form, see class doc).
 
         Returns:
             One learning rate per parameter group, of the same type as ``group["lr"]``.
@@ -291,9 +291,64 @@ class REX(LRScheduler):
         return self._values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
-        """Return the learning rates for step :attr:`last_epoch` from :attr:`base_lrs`.
+        """Return the learning rates for step `last_epoch` from `base_lrs`.
 
         Returns:
             One learning rate per parameter group, of the same type as ``group["lr"]``.
         """
         return self._values()
+
+
+class _ProxyOptimizer:
+    """Stands in for an optimizer inside a copy of a scheduler: hyper-parameters only."""
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.param_groups = groups
+        self._opt_called = True
+
+        def step(*_a: Any, **_k: Any) -> None:
+            return None
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self.step = step
+
+
+def future_lrs(scheduler: Any, steps: int) -> list[list[float]]:
+    r"""The learning rates of the next ``steps`` updates under ``scheduler``, per parameter group.
+
+    The next update uses the current ``lr``; each later one the ``lr`` after one more
+    ``scheduler.step()`` (the usual one scheduler step per optimizer update). Computed on a deep
+    copy of the scheduler whose optimizer is replaced by a stand-in holding copies of the
+    hyper-parameters, so neither the scheduler nor the optimizer changes. Schedulers that need a
+    metric (``ReduceLROnPlateau``) cannot be looked ahead: the current ``lr`` is repeated.
+
+    Returns:
+        ``lrs[g][j]``: the learning rate of group ``g`` at the ``j``-th future update
+        ($\eta_{j+1}$ in `predictopt.coefficients`).
+    """
+    import copy
+    import warnings
+
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    optimizer = scheduler.optimizer
+    current = [float(g["lr"]) for g in optimizer.param_groups]
+    if steps <= 0:
+        return [[] for _ in current]
+    if isinstance(scheduler, ReduceLROnPlateau):
+        return [[lr] * steps for lr in current]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    proxy = _ProxyOptimizer(groups)
+    memo: dict[int, Any] = {id(optimizer): proxy}
+    inner = getattr(optimizer, "_predictopt_inner", None)
+    if inner is not None:
+        memo[id(inner)] = proxy
+    clone = copy.deepcopy(scheduler, memo)
+    out = [[lr] for lr in current]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps - 1):
+            clone.step()
+            for row, g in zip(out, proxy.param_groups):
+                row.append(float(g["lr"]))
+    return out

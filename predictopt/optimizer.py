@@ -74,6 +74,21 @@ class PredictiveOptimizer(Optimizer):
         rule: ``None`` (the default rule of the optimizer's class, found along its MRO), a
             registered rule name (`predictopt.available_rules`) or a
             `predictopt.rules.PredictionRule`.
+        calibrate: Scale each group's prediction by a factor $\alpha \in [0, 1]$ fitted online
+            (see below), so that it never lands farther from the real trajectory than the stale
+            weights, even for noisy optimizers.
+        calibration_beta: EMA factor of the calibration statistics.
+
+    Calibrated prediction: at every ``step()`` the wrapper compares the one-step prediction
+    $P = \hat w(1) - w$ made before the update with the update that really happened,
+    $A = w_{t+1} - w_t$, and keeps per group exponential moving averages of $\langle P, A\rangle$
+    and $\lVert P\rVert^2$ (in the group's ``predictopt_calibration`` entry, so checkpoints carry
+    them). The least-squares scale $\alpha = \overline{\langle P,A\rangle} /
+    \overline{\lVert P\rVert^2}$, clipped to $[0, 1]$, multiplies $C$ in every later prediction;
+    since $\lVert \alpha P - A\rVert^2 = \lVert A\rVert^2 - \langle P,A\rangle^2/\lVert P\rVert^2
+    \le \lVert A\rVert^2$ for the unclipped optimum, the calibrated one-step prediction is never
+    worse than no prediction on the averaged statistics. Costs one extra prediction and one weight
+    copy per ``step()``.
 
     Raises:
         TypeError: ``optimizer`` is not an ``Optimizer`` (or already a ``PredictiveOptimizer``),
@@ -89,7 +104,8 @@ class PredictiveOptimizer(Optimizer):
     del _name
 
     def __init__(self, optimizer: Optimizer, steps: int = 1,
-                 rule: str | PredictionRule | None = None) -> None:
+                 rule: str | PredictionRule | None = None, *, calibrate: bool = False,
+                 calibration_beta: float = 0.9) -> None:
         if isinstance(optimizer, PredictiveOptimizer):
             raise TypeError("optimizer is a PredictiveOptimizer already; wrap the bare optimizer")
         if not isinstance(optimizer, Optimizer):
@@ -98,11 +114,19 @@ class PredictiveOptimizer(Optimizer):
                 f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
             )
         steps = _check_steps(steps)
+        if not isinstance(calibrate, bool):
+            raise TypeError(f"calibrate must be a bool, got {calibrate!r}")
+        if not isinstance(calibration_beta, (int, float)) or not 0 <= calibration_beta < 1:
+            raise ValueError(
+                f"calibration_beta must be a float in [0, 1), got {calibration_beta!r}")
         rule_obj = get_rule(rule, optimizer)
         self._predictopt_inner = optimizer
+        self.calibrate = calibrate
+        self.calibration_beta = float(calibration_beta)
         self.steps = steps
         self.rule = rule_obj
         self._saved: list[tuple[list[Tensor], list[Tensor]]] | None = None
+        self._scheduler: Any = None
         self._zero_grad_profile_name = "Optimizer.zero_grad#PredictiveOptimizer.zero_grad"
 
     # ------------------------------------------------------------------ the wrapped optimizer
@@ -146,6 +170,8 @@ class PredictiveOptimizer(Optimizer):
                                "(predicted() blocks do not nest)")
         if lrs is not None:
             prediction._check_group_lrs(lrs, self._predictopt_inner, s)
+        else:
+            lrs = self._future_lrs(s)
         self._saved = prediction.predict_(self._predictopt_inner, self.rule, s, lrs,
                                           self._calibration_scales())
 
@@ -176,37 +202,104 @@ class PredictiveOptimizer(Optimizer):
             if self._saved is not None:
                 self.restore_()
 
+    def attach_scheduler(self, scheduler: Any) -> None:
+        r"""Make prediction schedule-aware: use the learning rates ``scheduler`` will set.
+
+        A prediction over ``s`` updates then uses $\eta_1..\eta_s$ from
+        `predictopt.lr_scheduler.future_lrs` (the current lr, then the lr after each further
+        ``scheduler.step()``) instead of ``s`` times the current lr. The scheduler is never
+        advanced or otherwise changed. Pass ``None`` to detach.
+
+        For Adam-style rules nothing else changes: projecting the moments forward with the
+        gradient estimated by $\hat m_t$ gives bias-corrected moments equal to the current ones,
+        $(\beta^j m_t + (1-\beta^j)\hat m_t)/(1-\beta^{t+j}) = \hat m_t$, so the direction is the
+        same at every future step (exact under a constant gradient).
+
+        Raises:
+            TypeError: ``scheduler`` is not an LR scheduler of this optimizer.
+        """
+        if scheduler is not None:
+            target = getattr(scheduler, "optimizer", None)
+            if target is not self and target is not self._predictopt_inner:
+                raise TypeError("scheduler must be an LR scheduler whose optimizer is this "
+                                "PredictiveOptimizer or the optimizer it wraps")
+        self._scheduler = scheduler
+
+    def _future_lrs(self, steps: int) -> list[list[float]] | None:
+        if self._scheduler is None or steps == 0:
+            return None
+        from .lr_scheduler import future_lrs
+
+        return future_lrs(self._scheduler, steps)
+
     def _calibration_scales(self) -> list[float] | None:
-        return None
+        if not self.calibrate:
+            return None
+        scales = []
+        for group in self._predictopt_inner.param_groups:
+            num, den = group.get("predictopt_calibration", (1.0, 1.0))
+            scales.append(min(max(num / den, 0.0), 1.0) if den > 0 else 1.0)
+        return scales
+
+    def calibration_scales(self) -> list[float]:
+        """The current calibration factor $\\alpha$ of each group (1.0 without calibration)."""
+        return self._calibration_scales() or [1.0] * len(self._predictopt_inner.param_groups)
 
     # ------------------------------------------------------------------ optimizer protocol
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Restore the real weights if predicted, then run the wrapped optimizer's ``step``.
 
-        Rules that average observed updates record the update just applied (when ``steps > 0``).
+        With ``steps > 0``, rules that average observed updates record the update just applied,
+        and calibration (if on) updates its statistics.
         """
         if self._saved is not None:
             self.restore_()
         inner = self._predictopt_inner
-        watch = self._observed_before(closure is not None) if self.steps > 0 else []
+        watch = self._watch(closure is not None) if self.steps > 0 else []
         loss = inner.step() if closure is None else inner.step(closure)
-        for group, ps, before in watch:
+        for group, ps, before, disp in watch:
             keep = [i for i, p in enumerate(ps) if p.grad is not None]
             if len(keep) != len(ps):
                 ps, before = [ps[i] for i in keep], [before[i] for i in keep]
-            self.rule.record(group, ps, [inner.state[p] for p in ps], before)
+                disp = None if disp is None else [disp[i] for i in keep]
+            if disp is not None:
+                self._update_calibration(group, ps, before, disp)
+            if self.rule.observes(group):
+                self.rule.record(group, ps, [inner.state[p] for p in ps], before)
         return loss
 
     @torch.no_grad()
-    def _observed_before(self, has_closure: bool) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+    def _watch(self, has_closure: bool) -> list[tuple[dict, list[Tensor], list[Tensor], Any]]:
         watch = []
+        inner = self._predictopt_inner
+        # the raw (unscaled) one-step prediction: bare optimizer + our rule
+        one_step = prediction.predict(inner, 1, rule=self.rule) if self.calibrate else None
         for group in self._predictopt_inner.param_groups:
-            if not self.rule.observes(group):
+            if not (self.calibrate or self.rule.observes(group)):
                 continue
             ps = [p for p in group["params"] if has_closure or p.grad is not None]
             if ps:
-                watch.append((group, ps, torch._foreach_mul(ps, 1.0)))
+                disp = None
+                if one_step is not None:
+                    disp = torch._foreach_sub([one_step[p] for p in ps], ps)
+                watch.append((group, ps, torch._foreach_mul(ps, 1.0), disp))
         return watch
+
+    @torch.no_grad()
+    def _update_calibration(self, group: dict, ps: list[Tensor], before: list[Tensor],
+                            disp: list[Tensor]) -> None:
+        if not ps:
+            return
+        actual = torch._foreach_sub(ps, before)
+        num = sum(float(x.double().sum()) for x in torch._foreach_mul(disp, actual))
+        den = sum(float(x.double().sum()) for x in torch._foreach_mul(disp, disp))
+        b = self.calibration_beta
+        stats = group.get("predictopt_calibration")
+        if stats is None:
+            group["predictopt_calibration"] = [num, den]
+        else:
+            group["predictopt_calibration"] = [b * stats[0] + (1 - b) * num,
+                                               b * stats[1] + (1 - b) * den]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The wrapped optimizer's ``zero_grad``."""
@@ -229,7 +322,8 @@ class PredictiveOptimizer(Optimizer):
             raise RuntimeError("cannot pickle or copy a PredictiveOptimizer while predicted; "
                                "call restore_() first")
         return {"_predictopt_inner": self._predictopt_inner, "steps": self.steps,
-                "rule": self.rule}
+                "rule": self.rule, "_scheduler": None, "calibrate": self.calibrate,
+                "calibration_beta": self.calibration_beta}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

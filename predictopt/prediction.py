@@ -125,6 +125,8 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     inner, rule_obj = _unwrap(optimizer, rule)
     if lrs is not None:
         _check_group_lrs(lrs, inner, steps)
+    elif inner is not optimizer:
+        lrs = optimizer._future_lrs(steps)
     result: dict[Tensor, Tensor] = {
         p: p.detach() for g in inner.param_groups for p in g["params"]
     }

@@ -3,9 +3,9 @@ r"""Spike Compensation for momentum SGD with delayed gradients (Kosson et al. 20
 In a pipelined (asynchronous) run, the gradient a stage applies at update ``t`` was computed on
 weights ``D`` updates old: it *arrives* ``D`` updates late. With plain momentum SGD
 
-.. math::
-
-    v_t = m v_{t-1} + g_t, \qquad w_{t+1} = w_t - \eta v_t,
+$$
+v_t = m v_{t-1} + g_t, \qquad w_{t+1} = w_t - \eta v_t,
+$$
 
 a gradient that arrives ``D`` updates late misses the ``D`` momentum-decayed contributions
 ``1 + m + ... + m^{D-1}`` that it would already have made, and then keeps contributing
@@ -13,10 +13,10 @@ a gradient that arrives ``D`` updates late misses the ``D`` momentum-decayed con
 Kosson et al., 2021) fixes both with two coefficients, applying a *spike* of the missed amount at
 arrival and scaling the velocity so that the tail matches:
 
-.. math::
-
-    w_{t+1} = w_t - \eta\,(a\,v_t + b\,g_t), \qquad
-    a = m^D, \qquad b = \frac{1 - m^D}{1 - m} = \sum_{i=0}^{D-1} m^i.
+$$
+w_{t+1} = w_t - \eta\,(a\,v_t + b\,g_t), \qquad
+a = m^D, \qquad b = \frac{1 - m^D}{1 - m} = \sum_{i=0}^{D-1} m^i.
+$$
 
 Why these coefficients (one gradient ``g`` arriving at update ``t``, all others zero): at arrival
 ``v_t`` contains ``g`` once, so the update is ``eta (a + b) g = eta (1 - m^{D+1}) / (1 - m) g =
@@ -26,8 +26,8 @@ updates from the gradient's computation to its arrival. ``j`` updates later ``v_
 update ``D + j`` steps after the gradient. From arrival on, the cumulative displacement equals
 that of undelayed momentum SGD; only the timing of the first ``D`` contributions differs.
 
-This module provides :func:`spike_coefficients` and :class:`SpikeCompensatedSGD`, a
-:class:`torch.optim.SGD` subclass with a per-group ``delay``. Linear Weight Prediction (forward on
+This module provides `spike_coefficients` and `SpikeCompensatedSGD`, a
+`torch.optim.SGD` subclass with a per-group ``delay``. Linear Weight Prediction (forward on
 ``w_t - eta D v_t``) is the matching predictor and is not part of this module.
 """
 
@@ -78,9 +78,9 @@ def _check_delay(delay: Any, where: str = "delay") -> int:
 def spike_coefficients(momentum: float, delay: int) -> tuple[float, float]:
     r"""Return the Spike Compensation coefficients ``(a, b)`` for momentum ``m`` and delay ``D``.
 
-    .. math::
-
-        a = m^D, \qquad b = \frac{1 - m^D}{1 - m} = \sum_{i=0}^{D-1} m^i,
+    $$
+    a = m^D, \qquad b = \frac{1 - m^D}{1 - m} = \sum_{i=0}^{D-1} m^i,
+    $$
 
     so that the update ``eta (a v_t + b g_t)`` gives a gradient delayed by ``D`` updates the
     contribution ``eta (1 - m^{D+1}) / (1 - m)`` at arrival and ``eta m^{D+j}`` ``j`` updates
@@ -155,22 +155,22 @@ class SpikeCompensatedSGD(SGD):
     For each parameter group with momentum ``m``, delay ``D``, learning rate ``eta`` and L2
     weight decay ``lambda``:
 
-    .. math::
-
-        g_t &\leftarrow \pm\nabla f(w_t) + \lambda w_t \quad(\text{minus if maximize}) \\
-        v_t &\leftarrow m v_{t-1} + g_t \quad(v_1 = g_1) \\
-        w_{t+1} &\leftarrow w_t - \eta\,(a v_t + b g_t), \quad
-            a = m^D,\; b = \frac{1 - m^D}{1 - m}.
+    $$
+    g_t &\leftarrow \pm\nabla f(w_t) + \lambda w_t \quad(\text{minus if maximize}) \\
+    v_t &\leftarrow m v_{t-1} + g_t \quad(v_1 = g_1) \\
+    w_{t+1} &\leftarrow w_t - \eta\,(a v_t + b g_t), \quad
+    a = m^D,\; b = \frac{1 - m^D}{1 - m}.
+    $$
 
     The delayed gradient thereby contributes ``eta (1 - m^{D+1}) / (1 - m)`` at arrival (the
     total that undelayed momentum SGD would have applied over the ``D + 1`` updates since it was
     computed) and ``eta m^{D+j}`` ``j`` updates later (what undelayed momentum SGD applies then),
-    see :func:`spike_coefficients` and the module docstring.
+    see `spike_coefficients` and the module docstring.
 
-    It is a :class:`torch.optim.SGD` subclass: the velocity is stored as
+    It is a `torch.optim.SGD` subclass: the velocity is stored as
     ``state[p]["momentum_buffer"]`` exactly as SGD does, parameter groups carry SGD's keys
     (``dampening`` = 0, ``nesterov`` = False) plus ``delay``, and a state dict loads into
-    :class:`torch.optim.SGD` (and vice versa; a loaded group without ``delay`` gets the default).
+    `torch.optim.SGD` (and vice versa; a loaded group without ``delay`` gets the default).
     With ``delay = 0`` (or ``momentum = 0``) the step is bit-for-bit that of
     ``torch.optim.SGD(momentum=m, nesterov=False, dampening=0)`` with the same ``foreach``.
 
@@ -187,16 +187,16 @@ class SpikeCompensatedSGD(SGD):
         nesterov: must be False; accepted for the same reason.
         maximize: maximize the objective instead of minimizing it. Default: False.
         foreach: use the multi-tensor ``torch._foreach_*`` implementation. ``None`` (default)
-            picks it as :class:`torch.optim.SGD` does (when all parameters are on a device with
+            picks it as `torch.optim.SGD` does (when all parameters are on a device with
             foreach kernels, e.g. CUDA); ``False`` uses a per-parameter loop.
 
     Raises:
         TypeError: if an option has the wrong type (``delay`` not an int, ...).
         ValueError: if an option is out of range: ``lr`` or ``weight_decay`` < 0, ``momentum``
             outside ``[0, 1)``, ``delay`` < 0, ``dampening`` != 0 or ``nesterov`` set. Raised
-            before anything is changed, also by :meth:`add_param_group` and
-            :meth:`load_state_dict`.
-        RuntimeError: from :meth:`step` on sparse gradients.
+            before anything is changed, also by `add_param_group` and
+            `load_state_dict`.
+        RuntimeError: from `step` on sparse gradients.
 
     Example:
         >>> groups = [{"params": stage.parameters(), "delay": 2 * (n_stages - 1 - k)}
@@ -255,14 +255,14 @@ class SpikeCompensatedSGD(SGD):
             group.setdefault("delay", default_delay)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load an optimizer state (also one saved by :class:`torch.optim.SGD`).
+        """Load an optimizer state (also one saved by `torch.optim.SGD`).
 
         Groups without ``delay`` get the constructor's default, and the implementation flags
-        ``fused`` / ``differentiable`` of a saved :class:`torch.optim.SGD` are reset to
+        ``fused`` / ``differentiable`` of a saved `torch.optim.SGD` are reset to
         ``None`` / ``False``. Groups are validated first.
 
         Args:
-            state_dict: as returned by :meth:`state_dict`.
+            state_dict: as returned by `state_dict`.
 
         Raises:
             TypeError, ValueError: if a saved group has an unsupported option (for example

@@ -1,6 +1,6 @@
 """Per-rank action orders, staleness and simulated timelines for PyTorch's pipeline schedules.
 
-This module derives, for any native schedule of :mod:`torch.distributed.pipelining`
+This module derives, for any native schedule of `torch.distributed.pipelining`
 (``GPipe``, ``1F1B``, ``Interleaved1F1B``, ``LoopedBFS``, ``InterleavedZeroBubble``,
 ``ZBVZeroBubble``, ``DualPipeV``), the ordered list of compute actions each rank executes, and from
 it
@@ -8,15 +8,15 @@ it
 * the *staleness* of every micro-batch at every stage (how many of the stage's own optimizer
   updates a micro-batch's forward is behind the update that will apply its gradient), which is the
   horizon a weight predictor must look ahead;
-* a dependency-respecting simulated execution (:func:`timeline`), the corresponding single-process
-  execution order (:func:`global_order`), the bubble fraction and a Gantt chart.
+* a dependency-respecting simulated execution (`timeline`), the corresponding single-process
+  execution order (`global_order`), the bubble fraction and a Gantt chart.
 
 No process group is needed: multi-stage schedules are constructed with lightweight stand-in stage
 objects (torch computes the whole ``pipeline_order`` for all ranks in the constructor) and the
 single-stage schedules are derived from the loops their runtime ``_step_microbatches`` executes.
 All access to torch internals is confined to the private helpers of the "torch access" section
-(:func:`_resolve_schedule`, :func:`_construct`, :func:`_convert_torch_action`,
-:func:`_torch_compute_orders`), which raise a clear error if the installed torch differs.
+(`_resolve_schedule`, `_construct`, `_convert_torch_action`,
+`_torch_compute_orders`), which raise a clear error if the installed torch differs.
 
 Notation: ``K`` ranks, ``S = K * stages_per_rank`` global stages ``k = 0..S-1`` (0 is first),
 ``n`` micro-batches ``i = 0..n-1``. Action kinds: ``"F"`` forward, ``"B"`` full backward,
@@ -227,7 +227,7 @@ def stage_to_rank(
     ``2K - 1 - r``.
 
     Args:
-        schedule: schedule name (see :data:`SUPPORTED_SCHEDULES`).
+        schedule: schedule name (see `SUPPORTED_SCHEDULES`).
         num_ranks: number of pipeline ranks ``K``.
         stages_per_rank: stages per rank; defaults to 1 (single-stage) or 2 (multi-stage).
 
@@ -416,7 +416,7 @@ def schedule_actions(
 
     Args:
         schedule: a name accepted by ``torch.distributed.pipelining.schedules.get_schedule_class``
-            (case-insensitive): one of :data:`SUPPORTED_SCHEDULES`.
+            (case-insensitive): one of `SUPPORTED_SCHEDULES`.
         num_ranks: pipeline ranks ``K`` (>= 1).
         n_microbatches: micro-batches per step ``n`` (>= 1).
         stages_per_rank: stages held by each rank. Default 1 for single-stage schedules (GPipe,
@@ -461,10 +461,10 @@ def staleness(
     ``i``; the number of steps a weight predictor has to look ahead at that forward.
 
     Args:
-        schedule: schedule name (see :func:`schedule_actions`).
+        schedule: schedule name (see `schedule_actions`).
         num_ranks: pipeline ranks ``K``.
         n_microbatches: micro-batches per step ``n``.
-        stages_per_rank: see :func:`schedule_actions`.
+        stages_per_rank: see `schedule_actions`.
         update_every: completed backwards per optimizer update (>= 1, must divide ``n``).
             ``update_every == n`` is the synchronous (flushed) case: all staleness 0.
 
@@ -472,7 +472,7 @@ def staleness(
         ``{stage: [s(stage, 0), ..., s(stage, n-1)]}`` for all global stages.
 
     Raises:
-        ValueError: bad arguments (see :func:`schedule_actions`), or ``update_every`` not a
+        ValueError: bad arguments (see `schedule_actions`), or ``update_every`` not a
             positive divisor of ``n_microbatches``.
     """
     orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
@@ -512,7 +512,7 @@ def max_staleness(
     stages_per_rank: int | None = None,
     update_every: int = 1,
 ) -> dict[int, int]:
-    """Largest staleness per stage: ``{stage: max_i s(stage, i)}`` (see :func:`staleness`)."""
+    """Largest staleness per stage: ``{stage: max_i s(stage, i)}`` (see `staleness`)."""
     table = staleness(
         schedule,
         num_ranks,
@@ -565,8 +565,10 @@ def timeline(
     order fixed, so the result does not depend on the order in which the simulation visits
     ranks. An ``OVERLAP_F_B`` pair of DualPipeV is simulated as its two actions back to back.
 
+    The arguments ``schedule``, ``num_ranks``, ``n_microbatches`` and ``stages_per_rank`` are
+    those of `schedule_actions`.
+
     Args:
-        schedule, num_ranks, n_microbatches, stages_per_rank: see :func:`schedule_actions`.
         durations: time per action kind; defaults to ``{"F": 1, "B": 2, "I": 1, "W": 1}``.
             Kinds not given keep their default. All must be > 0.
 
@@ -632,11 +634,10 @@ def global_order(
     dependencies and its rank predecessor start, so this order respects all dependencies and
     every rank's own order: a single process can execute it as is.
 
-    Args:
-        schedule, num_ranks, n_microbatches, stages_per_rank, durations: see :func:`timeline`.
+    The arguments are those of `timeline`.
 
     Returns:
-        The list of :class:`Action` in execution order.
+        The list of `Action` in execution order.
     """
     tl = timeline(
         schedule,
@@ -655,7 +656,7 @@ def bubble_fraction(tl: list[TimelineEntry]) -> float:
     ``num_ranks * makespan`` minus the total busy time.
 
     Args:
-        tl: output of :func:`timeline`.
+        tl: output of `timeline`.
 
     Returns:
         A float in ``[0, 1)``; 0 for an empty timeline.
@@ -685,7 +686,7 @@ def render_timeline(
     hatched and the stage is written below the micro-batch number.
 
     Args:
-        tl: output of :func:`timeline`.
+        tl: output of `timeline`.
         path: output file (``.png``).
         title: figure title.
 

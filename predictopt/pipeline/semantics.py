@@ -1,0 +1,618 @@
+r"""Per-stage semantics of asynchronous pipeline training: one :class:`StageWorker` per stage.
+
+A :class:`StageWorker` owns one pipeline stage (a module and its optimizer) and executes the
+compute actions of a schedule for it: ``F`` (:meth:`~StageWorker.forward`), ``B``
+(:meth:`~StageWorker.backward`) and, for zero-bubble schedules, ``I``
+(:meth:`~StageWorker.backward_input`) and ``W`` (:meth:`~StageWorker.backward_weight`). It decides
+which weights every forward runs on (current, stashed, previous version or predicted), and it
+steps the stage's optimizer itself. The single-process :mod:`~predictopt.pipeline.simulator` and a
+distributed ``PipelineStage`` subclass (whose ``forward_one_chunk`` / ``backward_one_chunk`` /
+``backward_weight_one_chunk`` call into the worker) share this module unchanged.
+
+Staleness
+---------
+Micro-batches ``i = 0..n-1`` of a step pass the stage in the local order of the rank holding it.
+The stage updates after every ``u``-th *completed* backward (``B``, or ``W`` under the I/W split;
+``u = update_every``). With ``v_i`` the updates done before ``F(i)`` and ``c_i`` the 1-based
+position of ``i``'s completed backward, the update applying ``i``'s gradient is number
+``ceil(c_i / u)``, and
+
+.. math:: s(i) = \lceil c_i / u \rceil - 1 - v_i
+
+is the number of the stage's updates between ``F(i)`` and that update, i.e. how many versions the
+forward's weights lag behind the version a synchronous run would use
+(:func:`predictopt.pipeline.staleness` computes the table). It is also exactly the number of
+updates that happen between ``F(i)`` and ``i``'s completed backward, which the worker checks at
+run time: a mismatch means the executed order is not the one the table was computed for.
+
+Methods
+-------
+``sequential``
+    No pipeline: one update per micro-batch, ``s = 0`` (the staleness-free ideal).
+``gpipe``
+    Synchronous flush: ``u = n``, one update per step from the mean gradient of all micro-batches.
+``pipedream``
+    ``u = 1``; forward and backward on the weights the forward saw (weight stashing), no
+    prediction: the gradient is ``s(i)`` versions stale.
+``pipedream-2bw``
+    Double buffering, ``u = m >= num_stages``: every micro-batch runs on the version one update
+    older than the synchronous one, :math:`W_{t+1} = W_t - \text{step}(\nabla f(W_{t-1}))`
+    (:math:`W_{-1} = W_0`). A micro-batch with ``s = 0`` uses the previous buffer, one with
+    ``s = 1`` the current weights; ``s >= 2`` would need a third buffer and is rejected.
+``spectrain``
+    ``u = 1``; forward on weights predicted ``s(i)`` updates ahead along the first moment
+    (rule ``"first-moment"``: the momentum buffer of SGD / RMSprop, the bias-corrected
+    ``exp_avg`` of the Adam family; otherwise the optimizer's own rule). SpecTrain's separate
+    backward-time prediction is not modelled: the backward uses the forward's weights.
+``xpipe``
+    ``u = T`` micro-batches per update; Adam-style prediction (rule ``"adam"`` for Adam, AdamW,
+    NAdam and RAdam, otherwise the optimizer's own rule), ``s(i)`` from the table computed with
+    ``update_every = T``.
+``pipeoptim``
+    ``u = 1``; forward on weights predicted ``s(i)`` updates ahead with the optimizer's own rule.
+
+In every method the backward of a micro-batch differentiates through exactly the weights its
+forward used (autograd keeps them), and the gradient is applied to the real weights.
+
+Gradient scaling
+----------------
+Each micro-batch contributes the gradient of the loss the caller passes (typically a mean over
+the micro-batch's samples). The worker sums the gradients of the ``u`` micro-batches an update
+covers, in the order their backwards complete, divides the sum by ``u`` (skipped when ``u = 1``)
+and steps: the update uses the mean micro-batch gradient, which equals the gradient of the mean
+loss over all ``u * B`` samples when the micro-batches have equal sizes.
+
+Buffers
+-------
+Buffers (e.g. BatchNorm running statistics) are the module's own and are used and updated in
+place by every forward as they come; they are neither stashed nor predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+
+from ..optimizer import PredictiveOptimizer
+from ..prediction import predict
+from ..rules import (
+    AdamRule,
+    ObservedUpdateRule,
+    PredictionRule,
+    _value,
+    available_rules,
+    get_rule,
+    register_rule,
+)
+
+__all__ = [
+    "METHODS",
+    "PREDICTING_METHODS",
+    "FirstMomentRule",
+    "StageWorker",
+    "check_method",
+    "method_rule",
+]
+
+#: Training methods accepted by :class:`StageWorker` and the simulator.
+METHODS: tuple[str, ...] = (
+    "sequential",
+    "gpipe",
+    "pipedream",
+    "pipedream-2bw",
+    "spectrain",
+    "xpipe",
+    "pipeoptim",
+)
+#: Methods whose forwards run on predicted weights.
+PREDICTING_METHODS: tuple[str, ...] = ("spectrain", "xpipe", "pipeoptim")
+_PER_MICROBATCH = ("sequential", "pipedream", "spectrain", "pipeoptim")
+
+
+def check_method(method: Any) -> str:
+    """Return ``method`` if it is one of :data:`METHODS`.
+
+    Raises:
+        ValueError: anything else (the message lists the accepted names).
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return method
+
+
+# ---------------------------------------------------------------------------------------------
+# The SpecTrain rule
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_first_moment(group: dict[str, Any]) -> bool:
+    """Whether the group's optimizer keeps a first moment (Adam family or momentum > 0)."""
+    return "betas" in group or bool(_value(group.get("momentum", 0.0)))
+
+
+class FirstMomentRule(PredictionRule):
+    r"""SpecTrain's direction, the first moment, whatever the optimizer.
+
+    * Adam family (groups with ``betas``: Adam, AdamW, NAdam, RAdam, Adamax...): the bias-corrected
+      first moment :math:`D = m_t / (1 - \beta_1^t)`; decoupled decay as in
+      :class:`~predictopt.rules.AdamRule`.
+    * SGD / RMSprop with ``momentum > 0``: the momentum buffer :math:`D = b_t` (torch folds
+      ``maximize`` into the buffer, so it is the applied direction as it is).
+    * Otherwise: the ``fallback`` rule (the optimizer's own; the generic observed-update rule for
+      the registered instance).
+
+    For Adam this is the smoothed gradient, not Adam's normalised step, so the prediction is
+    scaled differently from the real updates: it is SpecTrain's rule applied as published, kept
+    as a baseline.
+
+    Args:
+        fallback: The rule for groups without a first moment.
+    """
+
+    name = "first-moment"
+
+    def __init__(self, fallback: PredictionRule | None = None) -> None:
+        if fallback is not None and not isinstance(fallback, PredictionRule):
+            raise TypeError(f"fallback must be a PredictionRule, got {type(fallback)!r}")
+        self.fallback = fallback if fallback is not None else ObservedUpdateRule()
+
+    def observes(self, group: dict[str, Any]) -> bool:
+        return not _has_first_moment(group) and self.fallback.observes(group)
+
+    def record(self, group, params, states, before) -> None:
+        """Delegate the observed-update bookkeeping to the fallback (groups without a moment)."""
+        self.fallback.record(group, params, states, before)  # type: ignore[attr-defined]
+
+    def decoupled_decay(self, group: dict[str, Any]) -> float:
+        if "betas" in group:
+            return AdamRule().decoupled_decay(group)
+        if _has_first_moment(group):
+            return 0.0
+        return self.fallback.decoupled_decay(group)
+
+    def directions(self, group, params, states):
+        if not _has_first_moment(group):
+            return self.fallback.directions(group, params, states)
+        ps: list[Tensor] = []
+        ds: list[Tensor] = []
+        if "betas" in group:
+            beta1 = _value(group["betas"][0])
+            bc1 = []
+            for p, st in zip(params, states):
+                if "exp_avg" in st and _value(st.get("step", 0)) > 0:
+                    ps.append(p)
+                    ds.append(st["exp_avg"])
+                    bc1.append(1.0 - beta1 ** _value(st["step"]))
+            if ps:
+                ds = torch._foreach_div(ds, bc1)
+            return ps, ds
+        for p, st in zip(params, states):
+            buf = st.get("momentum_buffer")
+            if buf is not None:
+                ps.append(p)
+                ds.append(buf)
+        return ps, ds
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fallback={self.fallback!r})"
+
+
+if "first-moment" not in available_rules():
+    register_rule("first-moment", FirstMomentRule())
+
+
+_ADAM_FAMILY = tuple(
+    cls
+    for cls in (
+        getattr(torch.optim, "Adam", None),
+        getattr(torch.optim, "AdamW", None),
+        getattr(torch.optim, "NAdam", None),
+        getattr(torch.optim, "RAdam", None),
+    )
+    if cls is not None
+)
+
+
+def method_rule(method: str, optimizer: Optimizer) -> PredictionRule | None:
+    """The prediction rule a method prescribes for a bare optimizer (``None``: no prediction).
+
+    ``spectrain``: :class:`FirstMomentRule` with the optimizer's own rule as fallback;
+    ``xpipe``: ``"adam"`` for Adam, AdamW, NAdam, RAdam (their state holds ``exp_avg`` and
+    ``exp_avg_sq``), else the optimizer's own rule; ``pipeoptim``: the optimizer's own rule.
+    """
+    method = check_method(method)
+    if method == "spectrain":
+        return FirstMomentRule(fallback=get_rule(None, optimizer))
+    if method == "xpipe":
+        if isinstance(optimizer, _ADAM_FAMILY):
+            return get_rule("adam")
+        return get_rule(None, optimizer)
+    if method == "pipeoptim":
+        return get_rule(None, optimizer)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# StageWorker
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """What one in-flight micro-batch keeps between its forward and its completed backward."""
+
+    inputs: tuple[Any, ...]  # what the module was called with (detached tensor leaves)
+    outputs: tuple[Tensor, ...]  # output tensors that carry a graph
+    leaves: list[Tensor]  # the weights the forward used, as leaves (order of StageWorker.params)
+    version: int  # stage updates done before the forward
+    roots: list[Tensor] = field(default_factory=list)  # set by backward_input
+    root_grads: list[Tensor | None] = field(default_factory=list)
+    input_done: bool = False
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _flatten(out: Any) -> tuple[Tensor, ...]:
+    if isinstance(out, Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)):
+        return tuple(t for t in out if isinstance(t, Tensor))
+    raise TypeError(f"a stage must return a Tensor or a tuple/list of Tensors, got {type(out)!r}")
+
+
+class StageWorker:
+    r"""Executes one pipeline stage's forwards and backwards and steps its optimizer.
+
+    The worker is driven by the compute actions of the rank holding the stage, in that rank's
+    order (:func:`predictopt.pipeline.schedule_actions`); a step is ``n = len(staleness)``
+    forwards and ``n`` completed backwards, each micro-batch once, and every ``update_every``-th
+    completed backward (``B``, or ``W`` under the I/W split) steps the optimizer and zeroes the
+    gradients (see the module docstring for the methods and the gradient scaling).
+
+    Forward runs ``torch.func.functional_call(module, weights, inputs)`` with the weights the
+    method prescribes as fresh leaf tensors: detached aliases of the real parameters when no
+    update can happen before the micro-batch's backward completes (``s(i) = 0``), otherwise
+    copies, predictions or the previous version (tensors nothing writes to). Autograd thus keeps
+    exactly the weights the forward used; the weight gradients are added to the real parameters'
+    ``.grad`` when the backward completes, in completion order. Parameters of the module outside
+    the optimizer are used as they are and receive no gradient; buffers are the module's own.
+
+    Contract for a caller (the simulator, or a distributed ``PipelineStage`` subclass) that must
+    reproduce the simulator bit for bit:
+
+    * ``staleness`` is ``predictopt.pipeline.staleness(schedule, num_ranks, n, stages_per_rank=..,
+      update_every=u)[stage]`` and the calls follow that rank's local order for this stage
+      (checked: a completed backward raises ``RuntimeError`` if the number of updates since its
+      forward differs from the table);
+    * ``forward`` gets the micro-batch's inputs (data for the first stage, the previous stage's
+      output values otherwise); the last stage computes ``loss = loss_fn(output, target)`` from
+      the returned output and passes it, unscaled, to ``backward``/``backward_input``; the other
+      stages pass the gradient received for their output as ``grad_output``;
+    * nothing else steps the optimizer, zeroes or scales the gradients (torch schedules:
+      ``scale_grads=False``, no ``optimizer.step()`` after ``schedule.step()``).
+
+    Args:
+        module: The stage's module.
+        optimizer: A ``torch.optim.Optimizer`` over (a subset of) the module's parameters, or a
+            :class:`~predictopt.PredictiveOptimizer` around one. A bare optimizer is wrapped in
+            a ``PredictiveOptimizer`` with the method's rule and ``steps = max(1, max horizon)``
+            (``steps = 0``, an exact pass-through, for methods that do not predict); a given
+            wrapper is used with its own rule.
+        method: One of :data:`METHODS`.
+        staleness: ``s(i)`` for every micro-batch ``i`` of a step (its length is ``n``).
+        update_every: Completed backwards per optimizer update ``u`` (divides ``n``): 1 for
+            ``sequential``/``pipedream``/``spectrain``/``pipeoptim``, ``n`` for ``gpipe``,
+            ``m`` for ``pipedream-2bw``, ``T`` for ``xpipe``.
+        rule: Prediction rule overriding the method's (predicting methods and a bare optimizer
+            only): a name or a :class:`~predictopt.rules.PredictionRule`.
+        horizons: Prediction horizon per micro-batch (predicting methods only); default:
+            ``staleness``. E.g. all zeros turns ``pipeoptim`` into ``pipedream``.
+        input_grads: Whether floating-point tensor inputs get gradients (False for the first
+            stage, whose inputs are data).
+
+    Raises:
+        ValueError: unknown method, bad ``staleness``/``update_every``/``horizons``, a table
+            the method cannot run (non-zero staleness for ``sequential``/``gpipe``, ``s >= 2``
+            for ``pipedream-2bw``), ``rule``/``horizons`` given to a method that does not predict,
+            or an optimizer holding tensors that are not parameters of ``module``.
+        TypeError: ``module`` or ``optimizer`` of the wrong type.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        *,
+        method: str,
+        staleness: Sequence[int],
+        update_every: int = 1,
+        rule: str | PredictionRule | None = None,
+        horizons: Sequence[int] | None = None,
+        input_grads: bool = True,
+    ) -> None:
+        self.method = check_method(method)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module)!r}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+        if isinstance(staleness, (str, bytes)) or not isinstance(staleness, Sequence):
+            raise ValueError(f"staleness must be a sequence of ints >= 0, got {staleness!r}")
+        if not staleness:
+            raise ValueError("staleness must hold one entry per micro-batch (got none)")
+        self.staleness = [_check_int(s, f"staleness[{i}]", 0) for i, s in enumerate(staleness)]
+        self.n_microbatches = n = len(self.staleness)
+        u = _check_int(update_every, "update_every", 1)
+        if n % u:
+            raise ValueError(f"update_every ({u}) must divide the number of micro-batches ({n})")
+        if self.method in _PER_MICROBATCH and u != 1:
+            raise ValueError(f"update_every must be 1 for method {self.method!r}, got {u}")
+        if self.method == "gpipe" and u != n:
+            raise ValueError(f"update_every must be n_microbatches ({n}) for gpipe, got {u}")
+        if self.method in ("sequential", "gpipe") and any(self.staleness):
+            raise ValueError(f"staleness must be all zero for method {self.method!r}")
+        if self.method == "pipedream-2bw" and max(self.staleness) > 1:
+            raise ValueError(
+                f"staleness up to {max(self.staleness)} needs more than two weight buffers; "
+                "pipedream-2bw needs update_every large enough that s <= 1 (m >= num_stages)"
+            )
+        self.update_every = u
+        predicting = self.method in PREDICTING_METHODS
+        if not predicting and (rule is not None or horizons is not None):
+            raise ValueError(f"rule and horizons apply to {PREDICTING_METHODS} only, "
+                             f"not to method {self.method!r}")
+        if horizons is None:
+            self.horizons = list(self.staleness) if predicting else [0] * n
+        else:
+            if isinstance(horizons, (str, bytes)) or not isinstance(horizons, Sequence) \
+                    or len(horizons) != n:
+                raise ValueError(f"horizons must be a sequence of {n} ints >= 0, got {horizons!r}")
+            self.horizons = [_check_int(h, f"horizons[{i}]", 0) for i, h in enumerate(horizons)]
+
+        # ---- optimizer and parameters
+        if isinstance(optimizer, PredictiveOptimizer):
+            if rule is not None:
+                raise ValueError("rule must be None when optimizer is a PredictiveOptimizer "
+                                 "(its own rule is used)")
+            if predicting and optimizer.steps == 0 and any(self.horizons):
+                raise ValueError("a PredictiveOptimizer with steps=0 records no observed updates; "
+                                 "construct it with steps >= 1 for a predicting method")
+            self.optimizer = optimizer
+        else:
+            rule_obj = get_rule(rule, optimizer) if rule is not None else \
+                method_rule(self.method, optimizer)
+            steps = max(1, max(self.horizons)) if predicting else 0
+            self.optimizer = PredictiveOptimizer(optimizer, steps=steps, rule=rule_obj)
+        self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        named = [(name, p) for name, p in module.named_parameters() if id(p) in in_opt]
+        if len(named) != len(in_opt):
+            raise ValueError("optimizer holds tensors that are not parameters of module")
+        self.module = module
+        self.param_names: list[str] = [name for name, _ in named]
+        self.params: list[Tensor] = [p for _, p in named]
+        self.input_grads = bool(input_grads)
+
+        self._chunks: dict[int, _Chunk] = {}
+        self._forwarded: set[int] = set()  # micro-batches forwarded in the current step
+        self._previous: list[Tensor] | None = None  # pipedream-2bw: the version before the last
+        self._accumulated = 0  # completed backwards whose gradients sit in .grad
+        #: Forwards run (all steps).
+        self.num_forwards = 0
+        #: Completed backwards (``B``, or ``W`` after ``I``; all steps).
+        self.num_backwards = 0
+        #: Optimizer updates applied (all steps).
+        self.num_updates = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def in_flight(self) -> list[int]:
+        """Micro-batches forwarded whose backward has not completed, sorted."""
+        return sorted(self._chunks)
+
+    def __repr__(self) -> str:
+        return (f"StageWorker(method={self.method!r}, n_microbatches={self.n_microbatches}, "
+                f"update_every={self.update_every}, staleness={self.staleness}, "
+                f"rule={self.rule!r})")
+
+    # ------------------------------------------------------------------ forward
+    def _check_mb(self, mb: Any) -> int:
+        if isinstance(mb, bool) or not isinstance(mb, int) or not 0 <= mb < self.n_microbatches:
+            raise ValueError(f"mb must be an int in [0, {self.n_microbatches}), got {mb!r}")
+        return mb
+
+    @torch.no_grad()
+    def _weights(self, mb: int) -> list[Tensor]:
+        """The values forward(mb) runs on; tensors no later update writes to if s(mb) > 0."""
+        s = self.staleness[mb]
+        ps = self.params
+        if self.method == "pipedream-2bw" and s == 0 and self._previous is not None:
+            return [t.detach() for t in self._previous]  # never written to: no copy needed
+        h = self.horizons[mb]
+        if h > 0:
+            pred = predict(self.optimizer, h, rule=self.rule)
+            vals = [pred[p] for p in ps]
+            if s > 0:  # unpredicted parameters come back as aliases: stash them
+                alias = [i for i, (v, p) in enumerate(zip(vals, ps))
+                         if v.data_ptr() == p.data_ptr()]
+                if alias:
+                    copies = torch._foreach_mul([ps[i] for i in alias], 1.0)
+                    for i, c in zip(alias, copies):
+                        vals[i] = c
+            return vals
+        if s > 0:
+            return torch._foreach_mul(ps, 1.0)  # exact copy: the stash
+        return [p.detach() for p in ps]
+
+    def forward(self, mb: int, *inputs: Any, **kwargs: Any) -> Any:
+        """Run micro-batch ``mb`` through the stage on the weights the method prescribes.
+
+        Args:
+            mb: Micro-batch index in ``[0, n)``; each once per step.
+            *inputs: Positional inputs. Tensors are detached; floating-point ones require grad
+                when ``input_grads`` (their gradients are what :meth:`backward` returns).
+            **kwargs: Passed to the module as they are.
+
+        Returns:
+            The module's output (with its graph): feed it, or its values, to the next stage, or
+            compute the loss from it on the last stage.
+
+        Raises:
+            ValueError: ``mb`` out of range.
+            RuntimeError: ``mb`` was forwarded already in this step.
+        """
+        mb = self._check_mb(mb)
+        if mb in self._forwarded:
+            raise RuntimeError(f"micro-batch {mb} was forwarded already in this step")
+        args = tuple(
+            (x.detach().requires_grad_(self.input_grads and x.is_floating_point())
+             if isinstance(x, Tensor) else x)
+            for x in inputs
+        )
+        leaves = [w.requires_grad_() for w in self._weights(mb)]
+        out = functional_call(self.module, dict(zip(self.param_names, leaves)), args, kwargs)
+        outputs = tuple(t for t in _flatten(out) if t.requires_grad)
+        self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates)
+        self._forwarded.add(mb)
+        self.num_forwards += 1
+        return out
+
+    # ------------------------------------------------------------------ backward
+    def _chunk(self, mb: int, *, want_input_done: bool) -> _Chunk:
+        mb = self._check_mb(mb)
+        chunk = self._chunks.get(mb)
+        if chunk is None:
+            raise RuntimeError(f"micro-batch {mb} has no pending forward")
+        if chunk.input_done != want_input_done:
+            raise RuntimeError(
+                f"micro-batch {mb}: backward_input ran already; call backward_weight"
+                if chunk.input_done else
+                f"micro-batch {mb}: backward_weight needs backward_input first"
+            )
+        return chunk
+
+    @staticmethod
+    def _roots(chunk: _Chunk, grad_output: Any, loss: Tensor | None
+               ) -> tuple[list[Tensor], list[Tensor | None]]:
+        if (grad_output is None) == (loss is None):
+            raise ValueError("pass exactly one of grad_output (inner stages) and loss (last stage)")
+        if loss is not None:
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("loss must be a one-element Tensor computed from the output")
+            return [loss], [None]
+        grads = _flatten(grad_output) if not isinstance(grad_output, (tuple, list)) \
+            else tuple(grad_output)
+        if len(grads) != len(chunk.outputs):
+            raise ValueError(f"grad_output must hold one gradient per output requiring grad "
+                             f"({len(chunk.outputs)}), got {len(grads)}")
+        pairs = [(o, g) for o, g in zip(chunk.outputs, grads) if g is not None]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _input_leaves(self, chunk: _Chunk) -> list[Tensor]:
+        return [x for x in chunk.inputs if isinstance(x, Tensor) and x.requires_grad]
+
+    def backward(self, mb: int, grad_output: Tensor | Sequence[Tensor | None] | None = None,
+                 loss: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        """Full backward of micro-batch ``mb`` (action ``B``); may step the optimizer.
+
+        Args:
+            mb: The micro-batch.
+            grad_output: Gradient of the stage's output (a tensor, or one entry per output
+                tensor that requires grad; ``None`` entries are skipped). Inner stages.
+            loss: The loss computed from the last stage's output (unscaled). Last stage.
+
+        Returns:
+            One entry per positional input of :meth:`forward`: its gradient, or ``None``.
+        """
+        chunk = self._chunk(mb, want_input_done=False)
+        roots, grads = self._roots(chunk, grad_output, loss)
+        ins = self._input_leaves(chunk)
+        wanted = ins + chunk.leaves
+        if roots and wanted:
+            torch.autograd.backward(roots, grads, inputs=wanted)
+        in_grads = tuple(x.grad if isinstance(x, Tensor) and x.requires_grad else None
+                         for x in chunk.inputs)
+        self._complete(mb, chunk)
+        return in_grads
+
+    def backward_input(self, mb: int,
+                       grad_output: Tensor | Sequence[Tensor | None] | None = None,
+                       loss: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        """Input-gradient half of the backward (action ``I``); keeps the graph for ``W``.
+
+        Arguments and return value as :meth:`backward`. Does not complete the backward.
+        """
+        chunk = self._chunk(mb, want_input_done=False)
+        roots, grads = self._roots(chunk, grad_output, loss)
+        ins = self._input_leaves(chunk)
+        got: dict[int, Tensor | None] = {}
+        if roots and ins:
+            gs = torch.autograd.grad(roots, ins, grads, retain_graph=True, allow_unused=True)
+            got = {id(x): g for x, g in zip(ins, gs)}
+        chunk.roots, chunk.root_grads, chunk.input_done = roots, grads, True
+        return tuple(got.get(id(x)) if isinstance(x, Tensor) else None for x in chunk.inputs)
+
+    def backward_weight(self, mb: int) -> None:
+        """Weight-gradient half of the backward (action ``W``); completes it, may step."""
+        chunk = self._chunk(mb, want_input_done=True)
+        if chunk.roots and chunk.leaves:
+            torch.autograd.backward(chunk.roots, chunk.root_grads, inputs=chunk.leaves)
+        self._complete(mb, chunk)
+
+    # ------------------------------------------------------------------ completion and update
+    @torch.no_grad()
+    def _complete(self, mb: int, chunk: _Chunk) -> None:
+        lag = self.num_updates - chunk.version
+        if lag != self.staleness[mb]:
+            raise RuntimeError(
+                f"micro-batch {mb}: {lag} updates happened between its forward and its completed "
+                f"backward, but staleness[{mb}] = {self.staleness[mb]}: the calls do not follow "
+                "the order the staleness table was computed for"
+            )
+        del self._chunks[mb]
+        new_p, new_g, acc_p, acc_g = [], [], [], []
+        for p, leaf in zip(self.params, chunk.leaves):
+            g = leaf.grad
+            if g is None:
+                continue
+            if p.grad is None:
+                new_p.append(p)
+                new_g.append(g)
+            else:
+                acc_p.append(p.grad)
+                acc_g.append(g)
+        for p, g in zip(new_p, new_g):
+            p.grad = g
+        if acc_p:
+            torch._foreach_add_(acc_p, acc_g)
+        chunk.leaves.clear()
+        self.num_backwards += 1
+        self._accumulated += 1
+        if self._accumulated == self.update_every:
+            self._update()
+        if self.num_backwards % self.n_microbatches == 0 and not self._chunks:
+            self._forwarded.clear()  # a step is over (schedules flush)
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        u = self._accumulated
+        if u > 1:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, float(u))
+        if self.method == "pipedream-2bw":
+            self._previous = torch._foreach_mul(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+        self.num_updates += 1

@@ -1,0 +1,374 @@
+r"""Single-process simulation of pipeline-parallel training with per-stage semantics.
+
+A model is given as a list of consecutive stage modules. :class:`PipelineSimulator` builds one
+:class:`~predictopt.pipeline.semantics.StageWorker` per stage and, for every training step,
+splits the batch into ``n`` equal micro-batches and executes the schedule's actions in
+:func:`~predictopt.pipeline.global_order` (a dependency-respecting interleaving of all ranks'
+local orders). Only the local order of the rank holding a stage matters for that stage's
+weights, so the simulation reproduces bit for bit what a distributed run of the same schedule
+with the same workers computes. The ``sequential`` method ignores the schedule and runs each
+micro-batch forward through all stages, then backward, then updates every stage.
+
+Example::
+
+    from predictopt.data import load_dataset, mlp_stages
+    from predictopt.pipeline import PipelineSimulator, train
+
+    ds = load_dataset("digits")
+    sim = PipelineSimulator(mlp_stages(64, 64, 10, 4), lambda p: torch.optim.AdamW(p, 1e-3),
+                            method="pipeoptim", schedule="1F1B", n_microbatches=8)
+    losses = train(sim, ds.x_train, ds.y_train, epochs=5, microbatch_size=16)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .schedules import Action, global_order, stage_to_rank, staleness
+from .semantics import METHODS, PREDICTING_METHODS, StageWorker, check_method
+
+__all__ = [
+    "PipelineSimulator",
+    "SimulationResult",
+    "default_update_every",
+    "simulate",
+    "train",
+]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+
+def _check_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def default_update_every(method: str, num_stages: int, n_microbatches: int) -> int:
+    """The number of completed backwards per update a method uses by default.
+
+    ``gpipe``: ``n``; ``pipedream-2bw`` and ``xpipe``: the smallest divisor of ``n`` that is
+    ``>= num_stages`` (2BW's ``m >= K``; XPipe's ``T`` micro-batches per mini-batch, one per
+    stage), or ``n`` if there is none; the other methods: 1.
+
+    Raises:
+        ValueError: unknown method or non-positive sizes.
+    """
+    method = check_method(method)
+    _check_int(num_stages, "num_stages")
+    n = _check_int(n_microbatches, "n_microbatches")
+    if method == "gpipe":
+        return n
+    if method in ("pipedream-2bw", "xpipe"):
+        return next((d for d in range(num_stages, n + 1) if n % d == 0), n)
+    return 1
+
+
+class PipelineSimulator:
+    r"""Trains a model split into stages with a pipeline method, in one process.
+
+    Args:
+        stages: The consecutive stage modules (stage 0 first); stage ``k``'s output is stage
+            ``k+1``'s input (a tuple output is passed as several arguments).
+        make_optimizer: ``make_optimizer(params) -> torch.optim.Optimizer``, called once per stage
+            with that stage's parameters; the worker wraps it in a
+            :class:`~predictopt.PredictiveOptimizer`.
+        method: One of :data:`~predictopt.pipeline.semantics.METHODS`.
+        schedule: A schedule name of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`.
+        n_microbatches: Micro-batches per step ``n``.
+        num_ranks: Pipeline ranks; default ``len(stages) / stages_per_rank`` (``stages_per_rank``
+            is 2 for multi-stage schedules, 1 otherwise). Must match ``len(stages)`` if given.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the micro-batch).
+        update_every: Completed backwards per update; default
+            :func:`default_update_every`. Only ``pipedream-2bw`` (``>= num_stages``) and
+            ``xpipe`` accept other values than their default.
+        rule: Prediction rule overriding the method's (predicting methods only).
+        horizons: ``{stage: [h(0), ..., h(n-1)]}`` overriding the prediction horizons
+            (predicting methods only); default: the staleness table.
+
+    Attributes:
+        workers: The :class:`StageWorker` of every stage.
+        staleness: ``{stage: [s(stage, i)]}`` the workers run with (zeros for ``sequential``).
+        order: The actions one :meth:`step` executes, in order.
+
+    Raises:
+        ValueError: any bad argument (the message names it), or a configuration the schedule
+            rejects.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        make_optimizer: OptimizerFactory,
+        *,
+        method: str = "pipeoptim",
+        schedule: str = "1F1B",
+        n_microbatches: int,
+        num_ranks: int | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        update_every: int | None = None,
+        rule: Any = None,
+        horizons: Mapping[int, Sequence[int]] | None = None,
+    ) -> None:
+        self.method = check_method(method)
+        if isinstance(stages, nn.Module) or not isinstance(stages, Sequence) or not stages:
+            raise ValueError("stages must be a non-empty sequence of nn.Module")
+        if not all(isinstance(m, nn.Module) for m in stages):
+            raise ValueError("stages must be a non-empty sequence of nn.Module")
+        if not callable(make_optimizer):
+            raise ValueError("make_optimizer must be callable: params -> torch.optim.Optimizer")
+        if not callable(loss_fn):
+            raise ValueError("loss_fn must be callable: (output, target) -> loss")
+        n = _check_int(n_microbatches, "n_microbatches")
+        num_stages = len(stages)
+        spr = len(stage_to_rank(schedule, 1))  # validates the schedule name
+        if num_stages % spr:
+            raise ValueError(f"schedule {schedule!r} places {spr} stages per rank; the number of "
+                             f"stages ({num_stages}) must be a multiple of {spr}")
+        derived = num_stages // spr
+        if num_ranks is not None:
+            _check_int(num_ranks, "num_ranks")
+            if num_ranks != derived:
+                raise ValueError(f"num_ranks must be len(stages) / stages_per_rank = {derived} "
+                                 f"for {num_stages} stages on {schedule!r}, got {num_ranks}")
+        default_u = default_update_every(self.method, num_stages, n)
+        if update_every is None:
+            u = default_u
+        else:
+            u = _check_int(update_every, "update_every")
+            if self.method not in ("pipedream-2bw", "xpipe") and u != default_u:
+                raise ValueError(f"update_every must be {default_u} for method {self.method!r}, "
+                                 f"got {u}")
+            if n % u:
+                raise ValueError(f"update_every ({u}) must divide n_microbatches ({n})")
+        if self.method == "pipedream-2bw" and u < num_stages and u != n:
+            raise ValueError(f"update_every must be >= the number of stages ({num_stages}) "
+                             f"for pipedream-2bw, got {u}")
+        if horizons is not None and self.method not in PREDICTING_METHODS:
+            raise ValueError(f"horizons apply to {PREDICTING_METHODS} only")
+        if rule is not None and self.method not in PREDICTING_METHODS:
+            raise ValueError(f"rule applies to {PREDICTING_METHODS} only")
+        horizons = dict(horizons or {})
+        if any(k not in range(num_stages) for k in horizons):
+            raise ValueError(f"horizons keys must be stage indices 0..{num_stages - 1}")
+
+        self.stages = list(stages)
+        self.schedule = schedule
+        self.num_ranks = derived
+        self.stages_per_rank = spr
+        self.n_microbatches = n
+        self.update_every = u
+        self.loss_fn = loss_fn
+        if self.method == "sequential":
+            self.staleness = {k: [0] * n for k in range(num_stages)}
+            self.order = [
+                Action(kind, k, i)
+                for i in range(n)
+                for kind, ks in (("F", range(num_stages)), ("B", reversed(range(num_stages))))
+                for k in ks
+            ]
+        else:
+            self.staleness = staleness(schedule, derived, n, stages_per_rank=spr, update_every=u)
+            self.order = global_order(schedule, derived, n, stages_per_rank=spr)
+        self.workers = [
+            StageWorker(
+                m,
+                make_optimizer(m.parameters()),
+                method=self.method,
+                staleness=self.staleness[k],
+                update_every=u,
+                rule=rule,
+                horizons=horizons.get(k),
+                input_grads=k > 0,
+            )
+            for k, m in enumerate(self.stages)
+        ]
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_stages(self) -> int:
+        """Number of stages."""
+        return len(self.stages)
+
+    @property
+    def max_staleness(self) -> int:
+        """Largest lag, in the stage's own updates, of the weights a forward starts from.
+
+        The version a synchronous run would use minus the version the forward reads before any
+        prediction: ``max s(k, i)`` for ``pipedream``, ``spectrain``, ``xpipe``, ``pipeoptim``
+        (the predicting ones compensate it), 1 for ``pipedream-2bw`` (by design), 0 for
+        ``sequential`` and ``gpipe``.
+        """
+        if self.method == "pipedream-2bw":
+            return 1
+        return max(max(v) for v in self.staleness.values())
+
+    # ------------------------------------------------------------------ training
+    def step(self, x: Tensor, y: Tensor) -> list[float]:
+        """One training step on a batch: ``n`` micro-batches through the schedule.
+
+        Args:
+            x: Inputs, batch first; the batch size must be a multiple of ``n``.
+            y: Targets, same batch size.
+
+        Returns:
+            The loss of every micro-batch, in micro-batch order.
+
+        Raises:
+            ValueError: batch sizes that differ or are not a multiple of ``n_microbatches``.
+        """
+        n = self.n_microbatches
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim == 0 or y.ndim == 0:
+            raise ValueError("x and y must be tensors with a batch dimension")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and "
+                             f"{y.shape[0]}")
+        if x.shape[0] == 0 or x.shape[0] % n:
+            raise ValueError(f"the batch size of x ({x.shape[0]}) must be a positive multiple "
+                             f"of n_microbatches ({n})")
+        size = x.shape[0] // n
+        xs, ys = x.split(size), y.split(size)
+        last = self.num_stages - 1
+        acts: dict[tuple[int, int], Any] = {}
+        grads: dict[tuple[int, int], tuple[Tensor | None, ...]] = {}
+        losses: list[Tensor | None] = [None] * n
+        for a in self.order:
+            k, i, w = a.stage, a.microbatch, self.workers[a.stage]
+            if a.kind == "F":
+                inp = xs[i] if k == 0 else acts.pop((k - 1, i))
+                out = w.forward(i, *inp) if isinstance(inp, tuple) else w.forward(i, inp)
+                if k == last:
+                    losses[i] = self.loss_fn(out, ys[i])
+                else:
+                    acts[(k, i)] = tuple(out) if isinstance(out, list) else out
+            elif a.kind == "W":
+                w.backward_weight(i)
+            else:
+                if k == last:
+                    kw: dict[str, Any] = {"loss": losses[i]}
+                else:
+                    kw = {"grad_output": grads.pop((k + 1, i))}
+                fn = w.backward if a.kind == "B" else w.backward_input
+                g = fn(i, **kw)
+                if k > 0:
+                    grads[(k, i)] = g
+        return [float(loss.detach()) for loss in losses]  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor) -> Tensor:
+        """The model's output on ``x`` with the real (current) weights, without gradients."""
+        out: Any = x
+        for m in self.stages:
+            out = m(*out) if isinstance(out, tuple) else m(out)
+        return out
+
+    @torch.no_grad()
+    def loss_and_accuracy(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """``(loss_fn(output, y), accuracy)`` on ``(x, y)``; accuracy is argmax vs ``y``."""
+        out = self.evaluate(x)
+        loss = float(self.loss_fn(out, y))
+        acc = float((out.argmax(-1) == y).float().mean()) if out.ndim > 1 else float("nan")
+        return loss, acc
+
+
+def train(
+    sim: PipelineSimulator,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    microbatch_size: int,
+    seed: int = 0,
+    progress: Any = None,
+) -> list[float]:
+    """Train for some epochs over a dataset; return the loss of every step.
+
+    Each epoch shuffles the samples with a generator seeded by ``seed + epoch``, cuts them into
+    batches of ``microbatch_size * n_microbatches`` (the last incomplete batch is dropped) and runs
+    :meth:`PipelineSimulator.step` on each.
+
+    Args:
+        sim: The simulator.
+        x: All training inputs (batch first).
+        y: All training targets.
+        epochs: Passes over the data (>= 1).
+        microbatch_size: Samples per micro-batch (>= 1).
+        seed: Seed of the shuffling.
+        progress: Optional object with ``update(n)`` (e.g. a ``tqdm`` bar), called after each
+            step; it may also have ``set_postfix``.
+
+    Returns:
+        Per step, the mean of its micro-batch losses.
+
+    Raises:
+        ValueError: bad sizes, or fewer samples than one batch.
+    """
+    _check_int(epochs, "epochs")
+    _check_int(microbatch_size, "microbatch_size")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError("x and y must have the same number of samples")
+    batch = microbatch_size * sim.n_microbatches
+    steps = x.shape[0] // batch
+    if steps == 0:
+        raise ValueError(f"microbatch_size * n_microbatches ({batch}) exceeds the number of "
+                         f"samples ({x.shape[0]})")
+    out: list[float] = []
+    for epoch in range(epochs):
+        gen = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for s in range(steps):
+            idx = perm[s * batch:(s + 1) * batch]
+            losses = sim.step(x[idx], y[idx])
+            out.append(sum(losses) / len(losses))
+            if progress is not None:
+                progress.update(1)
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(loss=f"{out[-1]:.4f}", refresh=False)
+    return out
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` returns."""
+
+    simulator: PipelineSimulator
+    losses: list[float]
+
+
+def simulate(
+    stages: Sequence[nn.Module],
+    make_optimizer: OptimizerFactory,
+    x: Tensor,
+    y: Tensor,
+    *,
+    method: str = "pipeoptim",
+    schedule: str = "1F1B",
+    n_microbatches: int,
+    microbatch_size: int,
+    epochs: int = 1,
+    num_ranks: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    update_every: int | None = None,
+    rule: Any = None,
+    seed: int = 0,
+    progress: Any = None,
+) -> SimulationResult:
+    """Build a :class:`PipelineSimulator` and :func:`train` it; see both for the arguments."""
+    sim = PipelineSimulator(
+        stages, make_optimizer, method=method, schedule=schedule, n_microbatches=n_microbatches,
+        num_ranks=num_ranks, loss_fn=loss_fn, update_every=update_every, rule=rule,
+    )
+    losses = train(sim, x, y, epochs=epochs, microbatch_size=microbatch_size, seed=seed,
+                   progress=progress)
+    return SimulationResult(sim, losses)
+
+
+#: Re-exported for convenience.
+ALL_METHODS = METHODS
