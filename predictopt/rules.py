@@ -48,6 +48,7 @@ __all__ = [
     "NAdamRule",
     "RAdamRule",
     "RMSpropRule",
+    "ScheduleFreeRule",
     "register_rule",
     "get_rule",
     "available_rules",
@@ -381,6 +382,25 @@ class RMSpropRule(ObservedUpdateRule):
         return ps, ds
 
 
+class ScheduleFreeRule(ObservedUpdateRule):
+    r"""Schedule-Free optimizers (``schedulefree`` package): predict the training point $y$.
+
+    In train mode the parameters hold $y = (1-\beta) z + \beta x$, where gradients are taken;
+    each step moves it by $c_{t}(z_t - y_t) + \eta(\beta(1-c_t)-1)\,\tilde g_t$ with the
+    normalised gradient $\tilde g_t$, which the state does not keep. The rule therefore predicts
+    along the observed average of $y$'s updates (`ObservedUpdateRule`). In eval mode
+    (``opt.eval()``: parameters hold the average $x$) it predicts nothing, so evaluation and
+    checkpoints taken there use $x$ as Schedule-Free intends.
+    """
+
+    name = "schedulefree"
+
+    def directions(self, group, params, states):
+        if not group.get("train_mode", True):
+            return [], []
+        return super().directions(group, params, states)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +505,14 @@ def _register_builtins() -> None:
     register_rule("nadam", NAdamRule(), optimizers=[optim.NAdam])
     register_rule("radam", RAdamRule(), optimizers=[optim.RAdam])
     register_rule("rmsprop", RMSpropRule(), optimizers=[optim.RMSprop])
+    try:  # optional dependency
+        import schedulefree
+    except ImportError:  # pragma: no cover - depends on the environment
+        sf_classes: list[type[Optimizer]] = []
+    else:
+        sf_classes = [c for c in vars(schedulefree).values()
+                      if isinstance(c, type) and issubclass(c, Optimizer)]
+    register_rule("schedulefree", ScheduleFreeRule(), optimizers=sf_classes)
 
 
 _register_builtins()

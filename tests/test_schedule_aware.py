@@ -1,4 +1,4 @@
-"""Schedule-aware prediction: the learning rates of the predicted updates come from the scheduler."""
+"""Schedule-aware prediction: the lrs of the predicted updates come from the scheduler."""
 
 from __future__ import annotations
 

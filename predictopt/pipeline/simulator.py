@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .schedules import Action, global_order, stage_to_rank, staleness
-from .semantics import METHODS, PREDICTING_METHODS, StageWorker, check_method
+from .semantics import PREDICTING_METHODS, StageWorker, check_method
 
 __all__ = [
     "PipelineSimulator",
@@ -368,7 +368,3 @@ def simulate(
     losses = train(sim, x, y, epochs=epochs, microbatch_size=microbatch_size, seed=seed,
                    progress=progress)
     return SimulationResult(sim, losses)
-
-
-#: Re-exported for convenience.
-ALL_METHODS = METHODS
