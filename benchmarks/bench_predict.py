@@ -5,7 +5,7 @@ For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule)
 
 * ``step``: one ``optimizer.step()`` of the bare optimizer with ``foreach=True``;
 * ``wrapped step``: ``PredictiveOptimizer.step()`` (differs only for rules that record updates);
-* ``predict_`` / ``restore_`` of :class:`predictopt.PredictiveOptimizer`;
+* ``predict_`` / ``restore_`` of `predictopt.PredictiveOptimizer`;
 * ``loop``: the same prediction written per parameter in Python, in the style of the original
   research code (read the state, compute the direction, clone ``p``, ``p.sub_``; restore by
   copying back).
@@ -311,6 +311,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
         "tensors": len(params),
         "params": sum(p.numel() for p in params),
         "median_ms": {k: statistics.median(v) for k, v in samples.items()},
+        "min_ms": {k: min(v) for k, v in samples.items()},
         "samples_ms": samples,
         "median_minor_faults": {k: statistics.median(v) for k, v in faults.items()},
         "loop_vs_library_max_rel_diff": mismatch,
@@ -343,16 +344,26 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device.type,
+        "load_average_at_start": _load_average(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes compete for the same cores)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_line(info: dict[str, object]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     return (f"{info['date']}: {info['cpu']} ({info['cores']} cores available, torch threads "
-            f"{info['torch_threads']}){gpu}, torch {info['torch']}, Python {info['python']}")
+            f"{info['torch_threads']}){gpu}, torch {info['torch']}, Python {info['python']}, "
+            f"load average {info['load_average_at_start']} at start")
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -400,6 +411,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     ap.add_argument("--steps", type=int, default=1, help="prediction horizon s")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0: torch's default). 1 keeps timings stable on a "
+                         "shared machine, where OpenMP barriers stall whenever a core is taken")
     ap.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
                     default=[c.name for c in CASES])
     ap.add_argument("--profile", action="store_true",
@@ -414,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     info = machine_info(device)
     results = []
     for case in CASES:

@@ -66,6 +66,25 @@ Buffers
 -------
 Buffers (e.g. BatchNorm running statistics) are the module's own and are used and updated in
 place by every forward as they come; they are neither stashed nor predicted.
+
+Use from a distributed ``PipelineStage``
+----------------------------------------
+One worker per local stage, built with ``staleness = staleness(schedule, num_ranks, n,
+stages_per_rank=spr, update_every=u)[stage_index]`` and ``input_grads = not is_first``:
+
+* ``forward_one_chunk(i, args, kwargs)``: ``out = worker.forward(i, *args, **kwargs)``; send
+  ``out``'s values; the last stage computes ``loss = loss_fn(out, target)``;
+* ``backward_one_chunk(i, loss=None, full_backward=True)``: ``grads = worker.backward(i,
+  grad_output=received, loss=loss)`` (``worker.backward_input`` when ``full_backward`` is
+  false); send ``grads`` (the gradients of the forward's positional inputs, computed on the
+  worker's own detached leaves: the receive buffers' ``.grad`` is not used);
+* ``backward_weight_one_chunk(i)``: ``worker.backward_weight(i)``;
+* the schedule runs with ``scale_grads=False`` and nobody calls ``optimizer.step()`` or
+  ``zero_grad()``: the worker does.
+
+Because each stage's weights depend only on its own rank's action order, this reproduces the
+single-process simulator (:mod:`predictopt.pipeline.simulator`) bit for bit for the same initial
+weights, optimizers, micro-batch split and loss function.
 """
 
 from __future__ import annotations
@@ -248,7 +267,7 @@ class _Chunk:
     """What one in-flight micro-batch keeps between its forward and its completed backward."""
 
     inputs: tuple[Any, ...]  # what the module was called with (detached tensor leaves)
-    outputs: tuple[Tensor, ...]  # output tensors that carry a graph
+    outputs: tuple[Tensor, ...]  # the output's tensors, in order
     leaves: list[Tensor]  # the weights the forward used, as leaves (order of StageWorker.params)
     version: int  # stage updates done before the forward
     roots: list[Tensor] = field(default_factory=list)  # set by backward_input
@@ -292,8 +311,8 @@ class StageWorker:
 
     * ``staleness`` is ``predictopt.pipeline.staleness(schedule, num_ranks, n, stages_per_rank=..,
       update_every=u)[stage]`` and the calls follow that rank's local order for this stage
-      (checked: a completed backward raises ``RuntimeError`` if the number of updates since its
-      forward differs from the table);
+      (checked: a backward raises ``RuntimeError``, before touching anything, if the number of
+      updates since its forward differs from the table);
     * ``forward`` gets the micro-batch's inputs (data for the first stage, the previous stage's
       output values otherwise); the last stage computes ``loss = loss_fn(output, target)`` from
       the returned output and passes it, unscaled, to ``backward``/``backward_input``; the other
@@ -383,13 +402,18 @@ class StageWorker:
             if rule is not None:
                 raise ValueError("rule must be None when optimizer is a PredictiveOptimizer "
                                  "(its own rule is used)")
-            if predicting and optimizer.steps == 0 and any(self.horizons):
+            if predicting and optimizer.steps == 0 and any(self.horizons) and any(
+                    optimizer.rule.observes(g) for g in optimizer.param_groups):
                 raise ValueError("a PredictiveOptimizer with steps=0 records no observed updates; "
                                  "construct it with steps >= 1 for a predicting method")
             self.optimizer = optimizer
         else:
-            rule_obj = get_rule(rule, optimizer) if rule is not None else \
-                method_rule(self.method, optimizer)
+            if not predicting:  # steps=0: an exact pass-through; the rule is never used
+                rule_obj = get_rule("observed")
+            elif rule is not None:
+                rule_obj = get_rule(rule, optimizer)
+            else:
+                rule_obj = method_rule(self.method, optimizer)
             steps = max(1, max(self.horizons)) if predicting else 0
             self.optimizer = PredictiveOptimizer(optimizer, steps=steps, rule=rule_obj)
         self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
@@ -481,14 +505,14 @@ class StageWorker:
         )
         leaves = [w.requires_grad_() for w in self._weights(mb)]
         out = functional_call(self.module, dict(zip(self.param_names, leaves)), args, kwargs)
-        outputs = tuple(t for t in _flatten(out) if t.requires_grad)
+        outputs = _flatten(out)
         self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates)
         self._forwarded.add(mb)
         self.num_forwards += 1
         return out
 
     # ------------------------------------------------------------------ backward
-    def _chunk(self, mb: int, *, want_input_done: bool) -> _Chunk:
+    def _chunk(self, mb: int, *, want_input_done: bool, completes: bool) -> _Chunk:
         mb = self._check_mb(mb)
         chunk = self._chunks.get(mb)
         if chunk is None:
@@ -498,6 +522,15 @@ class StageWorker:
                 f"micro-batch {mb}: backward_input ran already; call backward_weight"
                 if chunk.input_done else
                 f"micro-batch {mb}: backward_weight needs backward_input first"
+            )
+        # The contract: exactly s(mb) updates between F(mb) and its completed backward (at most
+        # s(mb) before I). Checked before autograd, whose own error would be less clear.
+        lag, s = self.num_updates - chunk.version, self.staleness[mb]
+        if lag > s or (completes and lag != s):
+            raise RuntimeError(
+                f"micro-batch {mb}: {lag} updates happened since its forward, but staleness"
+                f"[{mb}] = {s}: the calls do not follow the order the staleness table was "
+                "computed for"
             )
         return chunk
 
@@ -513,9 +546,10 @@ class StageWorker:
         grads = _flatten(grad_output) if not isinstance(grad_output, (tuple, list)) \
             else tuple(grad_output)
         if len(grads) != len(chunk.outputs):
-            raise ValueError(f"grad_output must hold one gradient per output requiring grad "
+            raise ValueError(f"grad_output must hold one entry per output tensor "
                              f"({len(chunk.outputs)}), got {len(grads)}")
-        pairs = [(o, g) for o, g in zip(chunk.outputs, grads) if g is not None]
+        pairs = [(o, g) for o, g in zip(chunk.outputs, grads)
+                 if g is not None and o.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
     def _input_leaves(self, chunk: _Chunk) -> list[Tensor]:
@@ -527,14 +561,15 @@ class StageWorker:
 
         Args:
             mb: The micro-batch.
-            grad_output: Gradient of the stage's output (a tensor, or one entry per output
-                tensor that requires grad; ``None`` entries are skipped). Inner stages.
+            grad_output: Gradient of the stage's output (a tensor, or one entry per tensor of
+                a tuple output, e.g. the next stage's return value; ``None`` entries and outputs
+                without a graph are skipped). Inner stages.
             loss: The loss computed from the last stage's output (unscaled). Last stage.
 
         Returns:
             One entry per positional input of :meth:`forward`: its gradient, or ``None``.
         """
-        chunk = self._chunk(mb, want_input_done=False)
+        chunk = self._chunk(mb, want_input_done=False, completes=True)
         roots, grads = self._roots(chunk, grad_output, loss)
         ins = self._input_leaves(chunk)
         wanted = ins + chunk.leaves
@@ -552,7 +587,7 @@ class StageWorker:
 
         Arguments and return value as :meth:`backward`. Does not complete the backward.
         """
-        chunk = self._chunk(mb, want_input_done=False)
+        chunk = self._chunk(mb, want_input_done=False, completes=False)
         roots, grads = self._roots(chunk, grad_output, loss)
         ins = self._input_leaves(chunk)
         got: dict[int, Tensor | None] = {}
@@ -564,7 +599,7 @@ class StageWorker:
 
     def backward_weight(self, mb: int) -> None:
         """Weight-gradient half of the backward (action ``W``); completes it, may step."""
-        chunk = self._chunk(mb, want_input_done=True)
+        chunk = self._chunk(mb, want_input_done=True, completes=True)
         if chunk.roots and chunk.leaves:
             torch.autograd.backward(chunk.roots, chunk.root_grads, inputs=chunk.leaves)
         self._complete(mb, chunk)
@@ -572,13 +607,6 @@ class StageWorker:
     # ------------------------------------------------------------------ completion and update
     @torch.no_grad()
     def _complete(self, mb: int, chunk: _Chunk) -> None:
-        lag = self.num_updates - chunk.version
-        if lag != self.staleness[mb]:
-            raise RuntimeError(
-                f"micro-batch {mb}: {lag} updates happened between its forward and its completed "
-                f"backward, but staleness[{mb}] = {self.staleness[mb]}: the calls do not follow "
-                "the order the staleness table was computed for"
-            )
         del self._chunks[mb]
         new_p, new_g, acc_p, acc_g = [], [], [], []
         for p, leaf in zip(self.params, chunk.leaves):

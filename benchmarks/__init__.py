@@ -1,0 +1,1 @@
+"""Benchmarks of predictopt (not part of the installed package); see ``docs/benchmarks.md``."""

@@ -1,0 +1,401 @@
+"""The ``predictopt`` command line: compare pipeline methods, show staleness tables.
+
+``predictopt compare`` trains the same stage-split MLP with several pipeline methods in the
+single-process simulator (:mod:`predictopt.pipeline.simulator`) on a data set bundled with
+scikit-learn and reports final training loss, test accuracy, time and staleness per method
+(``results.json`` and ``curves.png`` in ``--out``).
+
+``predictopt staleness`` prints the staleness table of a schedule and draws its timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "build_parser", "OPTIMIZERS", "DEFAULT_LR"]
+
+#: Optimizers ``--optimizer`` accepts.
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "nadam", "radam", "adamax",
+                               "adagrad")
+#: Learning rate used when ``--lr`` is not given.
+DEFAULT_LR: dict[str, float] = {"sgd": 0.02, "adam": 6e-3, "adamw": 6e-3, "rmsprop": 1e-3,
+                                "nadam": 6e-3, "radam": 6e-3, "adamax": 1e-2, "adagrad": 3e-2}
+
+# Chosen so that the default run (digits, 4 stages, 1F1B, AdamW) takes well under a minute on
+# one CPU core and the learning rate is high enough for staleness to matter.
+_DEFAULTS = {"dataset": "digits", "stages": 4, "schedule": "1F1B", "optimizer": "adamw",
+             "microbatch_size": 32, "microbatches": 8, "epochs": 10, "hidden": 64,
+             "activation": "tanh", "seed": 0}
+
+
+def make_optimizer_factory(name: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    """``params -> optimizer`` for an ``--optimizer`` name (SGD with momentum 0.9, AdamW with
+    weight decay 1e-2, the others with torch's defaults)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+    o = torch.optim
+    table: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+        "sgd": lambda p: o.SGD(p, lr=lr, momentum=0.9),
+        "adam": lambda p: o.Adam(p, lr=lr),
+        "adamw": lambda p: o.AdamW(p, lr=lr, weight_decay=1e-2),
+        "rmsprop": lambda p: o.RMSprop(p, lr=lr),
+        "nadam": lambda p: o.NAdam(p, lr=lr),
+        "radam": lambda p: o.RAdam(p, lr=lr),
+        "adamax": lambda p: o.Adamax(p, lr=lr),
+        "adagrad": lambda p: o.Adagrad(p, lr=lr),
+    }
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _methods(text: str) -> list[str]:
+    from .pipeline.semantics import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"methods listed twice in {text!r}")
+    return names
+
+
+def _schedule(text: str) -> str:
+    from .pipeline.schedules import SUPPORTED_SCHEDULES
+
+    for name in SUPPORTED_SCHEDULES:
+        if name.lower() == text.lower():
+            return name
+    raise argparse.ArgumentTypeError(
+        f"unknown schedule {text!r}; choose from {', '.join(SUPPORTED_SCHEDULES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``predictopt`` argument parser."""
+    from .data import DATASETS
+    from .pipeline.semantics import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="predictopt",
+        description="Weight prediction for asynchronous pipeline-parallel training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compare",
+        help="train a stage-split MLP with several pipeline methods and compare them",
+        description="Train the same stage-split MLP with several pipeline methods (simulated "
+                    "in one process, bit-exact to a distributed run) and compare final training "
+                    "loss, test accuracy, time and staleness.",
+    )
+    d = _DEFAULTS
+    c.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
+                   help="scikit-learn bundled data set (default: %(default)s)")
+    c.add_argument("--stages", type=_positive_int, default=d["stages"],
+                   help="number of pipeline stages K = MLP layers (default: %(default)s); "
+                        "num_ranks = K, or K/2 for 2-stages-per-rank schedules")
+    c.add_argument("--schedule", type=_schedule, default=d["schedule"],
+                   help="torch pipeline schedule (default: %(default)s)")
+    c.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"],
+                   help="per-stage optimizer (default: %(default)s)")
+    c.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: per optimizer, "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    c.add_argument("--microbatch-size", type=_positive_int, default=None,
+                   help=f"samples per micro-batch (default: {d['microbatch_size']}, capped so that "
+                        "an epoch has at least 4 steps on small data sets)")
+    c.add_argument("--microbatches", type=_positive_int, default=d["microbatches"],
+                   help="micro-batches per step (default: %(default)s)")
+    c.add_argument("--epochs", type=_positive_int, default=d["epochs"],
+                   help="passes over the training set (default: %(default)s)")
+    c.add_argument("--methods", type=_methods, default=list(METHODS),
+                   help="comma-separated methods (default: all: " + ",".join(METHODS) + ")")
+    c.add_argument("--hidden", type=_positive_int, default=d["hidden"],
+                   help="hidden width of the MLP (default: %(default)s)")
+    c.add_argument("--activation", choices=("relu", "tanh", "gelu", "silu"),
+                   default=d["activation"], help="MLP activation (default: %(default)s)")
+    c.add_argument("--update-every", type=_positive_int, default=None,
+                   help="micro-batches per update for pipedream-2bw and xpipe (default: the "
+                        "smallest divisor of --microbatches that is >= the number of stages)")
+    c.add_argument("--seed", type=_nonneg_int, default=d["seed"],
+                   help="seed of the split, the initialisation and the shuffling "
+                        "(default: %(default)s)")
+    c.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch intra-op threads (default: %(default)s; the models are tiny)")
+    c.add_argument("--out", type=Path, default=Path("runs/compare"),
+                   help="output directory for results.json and curves.png "
+                        "(default: %(default)s)")
+    c.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    c.set_defaults(subparser=c)
+
+    s = sub.add_parser(
+        "staleness",
+        help="print a schedule's staleness table and draw its timeline",
+        description="Print s(stage, micro-batch), the number of the stage's own updates between "
+                    "a micro-batch's forward and the update applying its gradient, and render "
+                    "the schedule's timeline as a PNG.",
+    )
+    s.add_argument("--schedule", type=_schedule, required=True, help="torch pipeline schedule")
+    s.add_argument("--ranks", type=_positive_int, required=True, help="pipeline ranks")
+    s.add_argument("--microbatches", type=_positive_int, required=True,
+                   help="micro-batches per step")
+    s.add_argument("--update-every", type=_positive_int, default=1,
+                   help="completed backwards per update (default: %(default)s)")
+    s.add_argument("--stages-per-rank", type=_positive_int, default=None,
+                   help="stages per rank (default: 1, or 2 for multi-stage schedules)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="timeline PNG (default: runs/staleness_<schedule>.png)")
+    s.set_defaults(subparser=s)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------------------------
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(header, widths)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    window = max(1, config["steps_per_epoch"] // 2)
+    colors = ["#000000", "#4C72B0", "#DD8452", "#8172B3", "#937860", "#55A868", "#C44E52"]
+    for j, (name, r) in enumerate(results.items()):
+        curve = r["train_loss_curve"]
+        xs = [(i + 1) / config["steps_per_epoch"] for i in range(len(curve))]
+        color = colors[j % len(colors)]
+        ax.plot(xs, curve, color=color, alpha=0.15, linewidth=0.8)
+        ax.plot(xs, _smooth(curve, window), color=color, linewidth=1.8,
+                linestyle="--" if name in ("sequential", "gpipe") else "-",
+                label=f"{name} (test acc {r['test_accuracy']:.3f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"training loss per step (moving average over {window} steps)")
+    ax.set_title(
+        f"{config['dataset']}: {config['stages']}-stage {config['activation']} MLP, "
+        f"{config['schedule']} ({config['num_ranks']} ranks), "
+        f"{config['optimizer']} lr {config['lr']:g}, "
+        f"{config['microbatches']}x{config['microbatch_size']} per step", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm import tqdm
+
+    from .data import load_dataset, mlp_stages
+    from .pipeline.schedules import stage_to_rank
+    from .pipeline.simulator import PipelineSimulator, train
+
+    torch.set_num_threads(args.threads)
+    spr = len(stage_to_rank(args.schedule, 1))
+    if args.stages % spr:
+        parser.error(f"argument --stages: schedule {args.schedule} places {spr} stages per rank, "
+                     f"so --stages must be a multiple of {spr} (got {args.stages})")
+    num_ranks = args.stages // spr
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    ds = load_dataset(args.dataset, seed=args.seed)
+    n_train = int(ds.x_train.shape[0])
+    if args.microbatch_size is None:
+        args.microbatch_size = max(1, min(_DEFAULTS["microbatch_size"],
+                                          n_train // (4 * args.microbatches)))
+    batch = args.microbatch_size * args.microbatches
+    steps_per_epoch = ds.x_train.shape[0] // batch
+    if steps_per_epoch == 0:
+        parser.error(f"--microbatch-size x --microbatches ({batch}) exceeds the {args.dataset} "
+                     f"training set ({ds.x_train.shape[0]} samples)")
+    make_opt = make_optimizer_factory(args.optimizer, lr)
+
+    def build(method: str) -> PipelineSimulator:
+        stages = mlp_stages(ds.num_features, args.hidden, ds.num_classes, args.stages,
+                            activation=args.activation, seed=args.seed)
+        ue = args.update_every if method in ("pipedream-2bw", "xpipe") else None
+        return PipelineSimulator(stages, make_opt, method=method, schedule=args.schedule,
+                                 n_microbatches=args.microbatches, update_every=ue)
+
+    # Build every simulator first so configuration errors surface before any training.
+    sims = {}
+    for method in args.methods:
+        try:
+            sims[method] = build(method)
+        except ValueError as exc:
+            parser.error(f"method {method}: {exc}")
+
+    config = {
+        "dataset": args.dataset, "num_train": int(ds.x_train.shape[0]),
+        "num_test": int(ds.x_test.shape[0]), "stages": args.stages, "schedule": args.schedule,
+        "num_ranks": num_ranks, "stages_per_rank": spr, "optimizer": args.optimizer, "lr": lr,
+        "microbatch_size": args.microbatch_size, "microbatches": args.microbatches,
+        "epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "hidden": args.hidden,
+        "activation": args.activation, "update_every": args.update_every,
+        "methods": list(args.methods), "seed": args.seed, "torch": torch.__version__,
+    }
+    print(f"predictopt compare: {args.dataset} ({config['num_train']} train / "
+          f"{config['num_test']} test), {args.stages}-stage {args.activation} MLP (hidden "
+          f"{args.hidden}) on "
+          f"{args.schedule} with {num_ranks} ranks, {args.optimizer} lr {lr:g}, "
+          f"{args.microbatches} micro-batches x {args.microbatch_size}, {args.epochs} epochs "
+          f"({steps_per_epoch} steps each)", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    total = steps_per_epoch * args.epochs * len(sims)
+    with tqdm(total=total, desc="compare", unit="step", disable=args.no_progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for method, sim in sims.items():
+            bar.set_description(method)
+            t0 = time.perf_counter()
+            curve = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
+                          microbatch_size=args.microbatch_size, seed=args.seed, progress=bar)
+            elapsed = time.perf_counter() - t0
+            train_loss, _ = sim.loss_and_accuracy(ds.x_train, ds.y_train)
+            test_loss, test_acc = sim.loss_and_accuracy(ds.x_test, ds.y_test)
+            results[method] = {
+                "final_train_loss": train_loss, "test_accuracy": test_acc,
+                "train_loss_curve": curve, "time_s": elapsed,
+                "max_staleness": sim.max_staleness, "test_loss": test_loss,
+                "update_every": sim.update_every,
+                "updates_per_stage": sim.workers[0].num_updates,
+            }
+
+    header = ["method", "final train loss", "test acc", "time (s)", "max staleness",
+              "upd/step"]
+    rows = [[m, f"{r['final_train_loss']:.4f}", f"{r['test_accuracy']:.4f}",
+             f"{r['time_s']:.1f}", str(r["max_staleness"]),
+             str(args.microbatches // r["update_every"])] for m, r in results.items()]
+    print(_format_table(header, rows))
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump({"config": config, "methods": results}, f, indent=1)
+    _plot_curves(results, config, out / "curves.png")
+    print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# staleness
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .pipeline.schedules import bubble_fraction, render_timeline, stage_to_rank, staleness
+    from .pipeline.schedules import timeline as make_timeline
+
+    try:
+        table = staleness(args.schedule, args.ranks, args.microbatches,
+                          stages_per_rank=args.stages_per_rank, update_every=args.update_every)
+        placement = stage_to_rank(args.schedule, args.ranks, args.stages_per_rank)
+        tl = make_timeline(args.schedule, args.ranks, args.microbatches,
+                           stages_per_rank=args.stages_per_rank)
+    except ValueError as exc:
+        parser.error(str(exc))
+    spr = len(placement) // args.ranks
+    print(f"staleness s(stage, micro-batch) for {args.schedule}: {args.ranks} ranks x {spr} "
+          f"stage(s), {args.microbatches} micro-batches, update every {args.update_every} "
+          f"completed backward(s)")
+    header = ["stage", "rank"] + [f"mb{i}" for i in range(args.microbatches)] + ["max"]
+    rows = [[str(k), str(placement[k])] + [str(v) for v in vals] + [str(max(vals))]
+            for k, vals in table.items()]
+    print(_format_table(header, rows))
+    print(f"bubble fraction (F=1, B=2, I=W=1): {bubble_fraction(tl):.3f}")
+    path = args.out if args.out is not None else Path(f"runs/staleness_{args.schedule}.png")
+    render_timeline(tl, path, title=f"{args.schedule}, {args.ranks} ranks, "
+                                    f"{args.microbatches} micro-batches")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``predictopt`` console script (and ``python -m predictopt``).
+
+    Returns:
+        The exit status (argparse exits with status 2 on bad arguments).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _run_compare(args, args.subparser)
+    return _run_staleness(args, args.subparser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
