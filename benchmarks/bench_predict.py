@@ -118,6 +118,10 @@ CASES = [
     Case("sgd-momentum",
          lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
          loop_predict_momentum),
+    # plain SGD with its own rule: the average is recorded from the gradients (no snapshot)
+    Case("sgd-plain", lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=True),
+         loop_predict_observed),
+    # the generic rule any optimizer gets: the average is recorded from a weight snapshot
     Case("sgd-observed", lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=True),
          loop_predict_observed, rule="observed"),
 ]

@@ -5,6 +5,18 @@ single-process simulator (:mod:`predictopt.pipeline.simulator`) on a data set bu
 scikit-learn and reports final training loss, test accuracy, time and staleness per method
 (``results.json`` and ``curves.png`` in ``--out``).
 
+Besides the methods of :data:`predictopt.pipeline.semantics.METHODS` (the default list),
+``--methods`` accepts the fine-grained Pipelined Backpropagation methods ``pb``, ``pb-sc``,
+``pb-lwp`` and ``pb-sc-lwp`` (:mod:`predictopt.pipeline.pb`; not run by default: each takes
+several times longer than all default methods together). They run the paper's setting whatever
+``--optimizer`` says: every MLP layer a stage (``--stages`` of them), one sample per update, one
+stream per epoch over the same shuffled samples the other methods see, momentum SGD
+(``momentum=0.9``) with the learning rate ``--pb-lr``, by default the SGD learning rate (``--lr``
+if ``--optimizer sgd``, else the SGD default) divided by ``--microbatch-size`` (the linear
+scaling rule from the other methods' samples per update down to one). Their loss curve is the
+mean per-sample loss over each block of ``--microbatch-size x --microbatches`` samples, so it is
+on the same axis as the others' per-step losses.
+
 ``predictopt staleness`` prints the staleness table of a schedule and draws its timeline.
 """
 
@@ -21,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["main", "build_parser", "OPTIMIZERS", "DEFAULT_LR"]
+__all__ = ["main", "build_parser", "OPTIMIZERS", "DEFAULT_LR", "PB_MOMENTUM"]
 
 #: Optimizers ``--optimizer`` accepts.
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "nadam", "radam", "adamax",
@@ -29,6 +41,9 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "nadam", "rada
 #: Learning rate used when ``--lr`` is not given.
 DEFAULT_LR: dict[str, float] = {"sgd": 0.02, "adam": 6e-3, "adamw": 6e-3, "rmsprop": 1e-3,
                                 "nadam": 6e-3, "radam": 6e-3, "adamax": 1e-2, "adagrad": 3e-2}
+
+#: Momentum of the SGD the Pipelined Backpropagation methods (``pb*``) always run.
+PB_MOMENTUM = 0.9
 
 # Chosen so that the default run (digits, 4 stages, 1F1B, AdamW) takes well under a minute on
 # one CPU core and the learning rate is high enough for staleness to matter.
@@ -92,15 +107,16 @@ def _positive_float(text: str) -> float:
 
 
 def _methods(text: str) -> list[str]:
+    from .pipeline.pb import PB_METHODS
     from .pipeline.semantics import METHODS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if m not in METHODS + PB_METHODS]
     if bad:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+            f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS + PB_METHODS)}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"methods listed twice in {text!r}")
     return names
@@ -124,6 +140,7 @@ def _schedule(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``predictopt`` argument parser."""
     from .data import DATASETS
+    from .pipeline.pb import PB_METHODS
     from .pipeline.semantics import METHODS
 
     parser = argparse.ArgumentParser(
@@ -160,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=_positive_int, default=d["epochs"],
                    help="passes over the training set (default: %(default)s)")
     c.add_argument("--methods", type=_methods, default=list(METHODS),
-                   help="comma-separated methods (default: all: " + ",".join(METHODS) + ")")
+                   help="comma-separated methods (default: " + ",".join(METHODS) + "; also "
+                        "the Pipelined Backpropagation methods " + ",".join(PB_METHODS) + ")")
     c.add_argument("--hidden", type=_positive_int, default=d["hidden"],
                    help="hidden width of the MLP (default: %(default)s)")
     c.add_argument("--activation", choices=("relu", "tanh", "gelu", "silu"),
@@ -168,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--update-every", type=_positive_int, default=None,
                    help="micro-batches per update for pipedream-2bw and xpipe (default: the "
                         "smallest divisor of --microbatches that is >= the number of stages)")
+    c.add_argument("--pb-lr", type=_positive_float, default=None,
+                   help="learning rate of the pb* methods, which always run SGD with momentum "
+                        f"{PB_MOMENTUM} and one sample per update (default: the SGD learning rate "
+                        "divided by the micro-batch size: --lr with --optimizer sgd, else "
+                        f"{DEFAULT_LR['sgd']:g})")
     c.add_argument("--seed", type=_nonneg_int, default=d["seed"],
                    help="seed of the split, the initialisation and the shuffling "
                         "(default: %(default)s)")
@@ -234,14 +257,16 @@ def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], pat
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     window = max(1, config["steps_per_epoch"] // 2)
-    colors = ["#000000", "#4C72B0", "#DD8452", "#8172B3", "#937860", "#55A868", "#C44E52"]
+    colors = ["#000000", "#4C72B0", "#DD8452", "#8172B3", "#937860", "#55A868", "#C44E52",
+              "#17BECF", "#BCBD22", "#E377C2", "#7F7F7F"]
     for j, (name, r) in enumerate(results.items()):
         curve = r["train_loss_curve"]
         xs = [(i + 1) / config["steps_per_epoch"] for i in range(len(curve))]
         color = colors[j % len(colors)]
         ax.plot(xs, curve, color=color, alpha=0.15, linewidth=0.8)
         ax.plot(xs, _smooth(curve, window), color=color, linewidth=1.8,
-                linestyle="--" if name in ("sequential", "gpipe") else "-",
+                linestyle="--" if name in ("sequential", "gpipe")
+                else ":" if name.startswith("pb") else "-",
                 label=f"{name} (test acc {r['test_accuracy']:.3f})")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -250,7 +275,9 @@ def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], pat
         f"{config['dataset']}: {config['stages']}-stage {config['activation']} MLP, "
         f"{config['schedule']} ({config['num_ranks']} ranks), "
         f"{config['optimizer']} lr {config['lr']:g}, "
-        f"{config['microbatches']}x{config['microbatch_size']} per step", fontsize=10)
+        f"{config['microbatches']}x{config['microbatch_size']} per step"
+        + (f"\npb*: every layer a stage, 1 sample per update, sgd (momentum {PB_MOMENTUM:g}) "
+           f"lr {config['pb_lr']:g}" if config.get("pb_methods") else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -262,12 +289,14 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from tqdm import tqdm
 
     from .data import load_dataset, mlp_stages
+    from .pipeline.pb import PB_METHODS
     from .pipeline.schedules import stage_to_rank
     from .pipeline.simulator import PipelineSimulator, train
 
     torch.set_num_threads(args.threads)
     spr = len(stage_to_rank(args.schedule, 1))
-    if args.stages % spr:
+    pb_methods = [m for m in args.methods if m in PB_METHODS]
+    if args.stages % spr and len(pb_methods) < len(args.methods):
         parser.error(f"argument --stages: schedule {args.schedule} places {spr} stages per rank, "
                      f"so --stages must be a multiple of {spr} (got {args.stages})")
     num_ranks = args.stages // spr
@@ -283,10 +312,19 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--microbatch-size x --microbatches ({batch}) exceeds the {args.dataset} "
                      f"training set ({ds.x_train.shape[0]} samples)")
     make_opt = make_optimizer_factory(args.optimizer, lr)
+    # Pipelined Backpropagation: momentum SGD, one sample per update (linear lr scaling), one
+    # stream per epoch over the same samples the other methods see in that epoch.
+    sgd_lr = args.lr if args.lr is not None and args.optimizer == "sgd" else DEFAULT_LR["sgd"]
+    pb_lr = args.pb_lr if args.pb_lr is not None else sgd_lr / args.microbatch_size
+    make_pb_opt = make_optimizer_factory("sgd", pb_lr)  # momentum PB_MOMENTUM
+    pb_stream = steps_per_epoch * batch
 
     def build(method: str) -> PipelineSimulator:
         stages = mlp_stages(ds.num_features, args.hidden, ds.num_classes, args.stages,
                             activation=args.activation, seed=args.seed)
+        if method in PB_METHODS:
+            return PipelineSimulator(stages, make_pb_opt, method=method, schedule="PB",
+                                     n_microbatches=pb_stream)
         ue = args.update_every if method in ("pipedream-2bw", "xpipe") else None
         return PipelineSimulator(stages, make_opt, method=method, schedule=args.schedule,
                                  n_microbatches=args.microbatches, update_every=ue)
@@ -307,6 +345,8 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         "epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "hidden": args.hidden,
         "activation": args.activation, "update_every": args.update_every,
         "methods": list(args.methods), "seed": args.seed, "torch": torch.__version__,
+        "pb_methods": pb_methods, "pb_lr": pb_lr, "pb_optimizer": "sgd",
+        "pb_momentum": PB_MOMENTUM, "pb_microbatch_size": 1, "pb_stream_length": pb_stream,
     }
     print(f"predictopt compare: {args.dataset} ({config['num_train']} train / "
           f"{config['num_test']} test), {args.stages}-stage {args.activation} MLP (hidden "
@@ -314,6 +354,10 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
           f"{args.schedule} with {num_ranks} ranks, {args.optimizer} lr {lr:g}, "
           f"{args.microbatches} micro-batches x {args.microbatch_size}, {args.epochs} epochs "
           f"({steps_per_epoch} steps each)", flush=True)
+    if pb_methods:
+        print(f"  {', '.join(pb_methods)}: Pipelined Backpropagation, every layer a stage "
+              f"({args.stages}), 1 sample per update, sgd (momentum {PB_MOMENTUM:g}) lr "
+              f"{pb_lr:g}, one stream of {pb_stream} samples per epoch", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
     total = steps_per_epoch * args.epochs * len(sims)
@@ -322,9 +366,19 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         for method, sim in sims.items():
             bar.set_description(method)
             t0 = time.perf_counter()
-            curve = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
-                          microbatch_size=args.microbatch_size, seed=args.seed, progress=bar)
+            if method in PB_METHODS:
+                per_sample = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
+                                   microbatch_size=1, seed=args.seed,
+                                   progress=_ScaledProgress(bar, steps_per_epoch),
+                                   per_microbatch=True)
+                curve = [sum(per_sample[i:i + batch]) / batch
+                         for i in range(0, len(per_sample), batch)]
+            else:
+                curve = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
+                              microbatch_size=args.microbatch_size, seed=args.seed,
+                              progress=bar)
             elapsed = time.perf_counter() - t0
+            pb = method in PB_METHODS
             train_loss, _ = sim.loss_and_accuracy(ds.x_train, ds.y_train)
             test_loss, test_acc = sim.loss_and_accuracy(ds.x_test, ds.y_test)
             results[method] = {
@@ -333,13 +387,18 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 "max_staleness": sim.max_staleness, "test_loss": test_loss,
                 "update_every": sim.update_every,
                 "updates_per_stage": sim.workers[0].num_updates,
+                "schedule": sim.schedule,
+                "optimizer": "sgd" if pb else args.optimizer,
+                "lr": pb_lr if pb else lr,
+                "microbatch_size": 1 if pb else args.microbatch_size,
+                "updates_per_step": batch if pb else args.microbatches // sim.update_every,
             }
 
     header = ["method", "final train loss", "test acc", "time (s)", "max staleness",
-              "upd/step"]
+              "upd/step", "optimizer"]
     rows = [[m, f"{r['final_train_loss']:.4f}", f"{r['test_accuracy']:.4f}",
-             f"{r['time_s']:.1f}", str(r["max_staleness"]),
-             str(args.microbatches // r["update_every"])] for m, r in results.items()]
+             f"{r['time_s']:.1f}", str(r["max_staleness"]), str(r["updates_per_step"]),
+             f"{r['optimizer']} {r['lr']:g}"] for m, r in results.items()]
     print(_format_table(header, rows))
 
     out: Path = args.out
@@ -349,6 +408,19 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     _plot_curves(results, config, out / "curves.png")
     print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
     return 0
+
+
+class _ScaledProgress:
+    """Forwards ``update(n)`` as ``update(n * factor)``: a PB stream counts as ``factor`` steps."""
+
+    def __init__(self, bar: Any, factor: int) -> None:
+        self.bar, self.factor = bar, factor
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n * self.factor)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.bar.set_postfix(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

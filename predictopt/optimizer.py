@@ -257,32 +257,41 @@ class PredictiveOptimizer(Optimizer):
         inner = self._predictopt_inner
         watch = self._watch(closure is not None) if self.steps > 0 else []
         loss = inner.step() if closure is None else inner.step(closure)
-        for group, ps, before, disp in watch:
+        for group, ps, before, disp, observes in watch:
             keep = [i for i, p in enumerate(ps) if p.grad is not None]
             if len(keep) != len(ps):
                 ps, before = [ps[i] for i in keep], [before[i] for i in keep]
                 disp = None if disp is None else [disp[i] for i in keep]
             if disp is not None:
                 self._update_calibration(group, ps, before, disp)
-            if self.rule.observes(group):
+            if observes:
                 self.rule.record(group, ps, [inner.state[p] for p in ps], before)
         return loss
 
     @torch.no_grad()
-    def _watch(self, has_closure: bool) -> list[tuple[dict, list[Tensor], list[Tensor], Any]]:
+    def _watch(self, has_closure: bool) -> list[tuple[dict, list[Tensor], list[Tensor], Any, bool]]:
         watch = []
         inner = self._predictopt_inner
         # the raw (unscaled) one-step prediction: bare optimizer + our rule
         one_step = prediction.predict(inner, 1, rule=self.rule) if self.calibrate else None
         for group in self._predictopt_inner.param_groups:
-            if not (self.calibrate or self.rule.observes(group)):
+            observes = self.rule.observes(group)
+            if not (self.calibrate or observes):
                 continue
             ps = [p for p in group["params"] if has_closure or p.grad is not None]
-            if ps:
-                disp = None
-                if one_step is not None:
-                    disp = torch._foreach_sub([one_step[p] for p in ps], ps)
-                watch.append((group, ps, torch._foreach_mul(ps, 1.0), disp))
+            if not ps:
+                continue
+            if observes and not has_closure and self.rule.records_gradients(group) \
+                    and not any(p.grad.is_sparse for p in ps):
+                # the update is known from the gradients: record it now, no weight snapshot
+                self.rule.record_gradients(group, ps, [inner.state[p] for p in ps])
+                if not self.calibrate:
+                    continue
+                observes = False
+            disp = None
+            if one_step is not None:
+                disp = torch._foreach_sub([one_step[p] for p in ps], ps)
+            watch.append((group, ps, torch._foreach_mul(ps, 1.0), disp, observes))
         return watch
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .rules import PredictionRule, _check_steps, _value, get_rule
+from .rules import PredictionRule, Quotient, _check_steps, _value, get_rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import PredictiveOptimizer
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["coefficients", "predict", "predict_", "restore_"]
 
 # One entry per (group, device, dtype) bucket: parameters, directions, a, C.
-Plan = list[tuple[list[Tensor], list[Tensor], float, float]]
+Plan = list[tuple[list[Tensor], "list[Tensor] | Quotient", float, float]]
 
 
 def coefficients(lrs: Sequence[float], decay: float = 0.0) -> tuple[float, float]:
@@ -132,19 +132,27 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     }
     scales = getattr(optimizer, "_calibration_scales", lambda: None)()
     for ps, ds, a, c in plan(inner, rule_obj, steps, lrs, scales):
-        result.update(zip(ps, _values(ps, ds, a, c)))
+        out = _copy(ps)
+        _apply_(out, ds, a, c)
+        result.update(zip(ps, out))
     return result
 
 
-def _values(ps: list[Tensor], ds: list[Tensor], a: float, c: float) -> list[Tensor]:
-    # The one place the prediction is computed, out of place, so that predict() and predict_()
-    # agree bit for bit (torch's in-place and out-of-place foreach kernels round differently in
-    # low precision: the in-place ones cast the scalar to the tensor's dtype first).
+def _apply_(targets: list[Tensor], ds: list[Tensor] | Quotient, a: float, c: float) -> None:
+    # The one place the prediction is computed, in place on ``targets`` (the parameters, or an
+    # exact copy of them for predict()), so predict() and predict_() agree bit for bit: torch's
+    # in-place and out-of-place foreach kernels round differently in low precision.
     if a != 1.0:
-        out = torch._foreach_mul(ps, a)
-        torch._foreach_add_(out, ds, alpha=-c)
-        return out
-    return torch._foreach_add(ps, ds, alpha=-c)
+        torch._foreach_mul_(targets, a)
+    if isinstance(ds, Quotient):
+        torch._foreach_addcdiv_(targets, ds.numerators, ds.denominators,
+                                [-c / q for q in ds.divisors])
+    else:
+        torch._foreach_add_(targets, ds, alpha=-c)
+
+
+def _copy(ps: list[Tensor]) -> list[Tensor]:
+    return torch._foreach_mul(ps, 1.0)  # exact copy (x * 1.0 == x bit for bit), one kernel
 
 
 @torch.no_grad()
@@ -154,14 +162,14 @@ def predict_(optimizer: Optimizer, rule: PredictionRule, steps: int,
     """Write the prediction into the parameters in place; return ``(params, saved)`` pairs.
 
     Holds one copy of the predicted parameters (the saved real values) until `restore_`;
-    while computing, the new values take one more, freed on return.
+    while computing, a rule may hold one more (Adam's denominators), freed on return.
     The in-place writes bump the parameters' version counters, so an autograd graph built on
     the predicted weights cannot silently be back-propagated after the restore.
     """
     saved = []
     for ps, ds, a, c in plan(optimizer, rule, steps, lrs, scales):
-        real = torch._foreach_mul(ps, 1.0)  # exact copy (x * 1.0 == x bit for bit)
-        torch._foreach_copy_(ps, _values(ps, ds, a, c))
+        real = _copy(ps)
+        _apply_(ps, ds, a, c)
         saved.append((ps, real))
     return saved
 

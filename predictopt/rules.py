@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ __all__ = [
     "get_rule",
     "available_rules",
     "OBSERVED_KEY",
+    "Quotient",
 ]
 
 #: Key of the per-parameter optimizer state in which `ObservedUpdateRule` keeps its
@@ -60,7 +61,16 @@ __all__ = [
 #: (a bare torch optimizer ignores the extra key).
 OBSERVED_KEY = "predictopt_direction"
 
-Directions = tuple[list[Tensor], list[Tensor]]
+class Quotient(NamedTuple):
+    r"""A direction kept unmaterialised: $D_i = n_i / (d_i\,q_i)$, applied with one fused
+    ``_foreach_addcdiv_`` (value $-C/q_i$), as torch's own Adam applies its step."""
+
+    numerators: list[Tensor]
+    denominators: list[Tensor]
+    divisors: list[float]
+
+
+Directions = tuple[list[Tensor], "list[Tensor] | Quotient"]
 
 
 def _value(x: Any) -> float:
@@ -103,6 +113,11 @@ class PredictionRule:
 
     def observes(self, group: dict[str, Any]) -> bool:
         """Whether this rule needs the wrapper to record the real updates of this group."""
+        return False
+
+    def records_gradients(self, group: dict[str, Any]) -> bool:
+        """Whether an observing rule records this group's update from ``.grad`` alone, before
+        ``step()`` (`record_gradients`), instead of from a weight snapshot (`record`)."""
         return False
 
     def __repr__(self) -> str:
@@ -163,11 +178,20 @@ class ObservedUpdateRule(PredictionRule):
             return
         torch._foreach_sub_(before, params)
         torch._foreach_div_(before, lr)
+        self._fold(states, before, owned=True)
+
+    def record_gradients(self, group: dict[str, Any], params: list[Tensor],
+                         states: list[dict]) -> None:  # pragma: no cover - interface
+        """Fold the update about to be applied, computed from ``.grad`` (see subclasses)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _fold(self, states: list[dict], ds: list[Tensor], owned: bool) -> None:
         old, new = [], []
-        for st, d in zip(states, before):
+        for st, d in zip(states, ds):
             prev = st.get(OBSERVED_KEY)
             if prev is None:
-                st[OBSERVED_KEY] = d
+                st[OBSERVED_KEY] = d if owned else d.clone()
             else:
                 old.append(prev)
                 new.append(d)
@@ -182,9 +206,9 @@ class SGDRule(ObservedUpdateRule):
     r"""SGD: the momentum buffer $b_t$ (PipeOptim, SpecTrain, Linear Weight Prediction).
 
     torch's SGD updates $w \leftarrow w - \eta\,b_t$ with
-    $b_t = \mu b_{t-1} + (1-\tau) g_t$ (L2 decay inside $g_t$), so
-    $D = b_t$ (negated under ``maximize``). With ``nesterov=True`` the real update
-    $g_t + \mu b_t$ needs the gradient, which the state does not hold; $b_t$ is its
+    $b_t = \mu b_{t-1} + (1-\tau) g_t$ (L2 decay inside $g_t$; under ``maximize`` torch negates
+    $g_t$ before it enters the buffer), so $D = b_t$ as stored. With ``nesterov=True`` the real
+    update $g_t + \mu b_t$ needs the gradient, which the state does not hold; $b_t$ is its
     steady-state value under a constant gradient and is used instead. Without momentum the state
     holds nothing, and the rule falls back to `ObservedUpdateRule`.
     """
@@ -193,6 +217,23 @@ class SGDRule(ObservedUpdateRule):
 
     def observes(self, group):
         return not group.get("momentum", 0.0)
+
+    def records_gradients(self, group):
+        return self.observes(group)
+
+    @torch.no_grad()
+    def record_gradients(self, group, params, states):
+        r"""Plain SGD applies $w \leftarrow w - \eta (g + \lambda w)$ ($-g$ under ``maximize``):
+        the observed direction is that bracket, computed from ``.grad`` before the step at the
+        cost of one fused average instead of a weight snapshot."""
+        grads = [p.grad for p in params]
+        wd = _value(group.get("weight_decay", 0.0))
+        ds, owned = grads, False
+        if wd:
+            ds, owned = torch._foreach_add(grads, params, alpha=wd), True
+        if group.get("maximize", False):
+            ds, owned = torch._foreach_neg(ds), True
+        self._fold(states, ds, owned)
 
     def directions(self, group, params, states):
         if self.observes(group):
@@ -203,8 +244,6 @@ class SGDRule(ObservedUpdateRule):
             if buf is not None:
                 ps.append(p)
                 ds.append(buf)
-        if group.get("maximize", False):
-            ds = torch._foreach_neg(ds) if ds else ds
         return ps, ds
 
 
@@ -255,9 +294,7 @@ class AdamRule(PredictionRule):
         bc1 = [1 - beta1**t for t in steps]
         bc2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
         denom = _adam_denominators(v, bc2_sqrt, _value(group["eps"]))
-        d = torch._foreach_div(m, denom)
-        torch._foreach_div_(d, bc1)
-        return ps, d
+        return ps, Quotient(m, denom, bc1)
 
 
 class AdamaxRule(PredictionRule):
@@ -271,9 +308,7 @@ class AdamaxRule(PredictionRule):
         if not ps:
             return ps, []
         beta1 = _value(group["betas"][0])
-        d = torch._foreach_div(m, u)
-        torch._foreach_div_(d, [1 - beta1**t for t in steps])
-        return ps, d
+        return ps, Quotient(m, u, [1 - beta1**t for t in steps])
 
 
 class NAdamRule(AdamRule):
@@ -305,9 +340,7 @@ class NAdamRule(AdamRule):
                         + mu_next / (1.0 - prod * mu_next))
         denom = _adam_denominators(v, [math.sqrt(1 - beta2**t) for t in steps],
                                    _value(group["eps"]))
-        d = torch._foreach_div(m, denom)
-        torch._foreach_mul_(d, coef)
-        return ps, d
+        return ps, Quotient(m, denom, [1.0 / c for c in coef])
 
 
 class RAdamRule(AdamRule):
@@ -376,9 +409,8 @@ class RMSpropRule(ObservedUpdateRule):
             denom = torch._foreach_addcmul(sq, ga, ga, value=-1)
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, _value(group["eps"]))
-            ds = torch._foreach_div(ga, denom)
-        if ps and group.get("maximize", False):
-            ds = torch._foreach_neg(ds)
+            ds = Quotient(ga, denom, [1.0] * len(ga))
+        # torch negates the gradient under ``maximize`` before it enters any buffer: no sign flip
         return ps, ds
 
 

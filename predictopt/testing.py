@@ -32,6 +32,7 @@ __all__ = [
     "check_predict_is_pure",
     "check_after_zero_grad",
     "check_constant_gradient_exact",
+    "check_direction",
     "check_rule",
     "shapes",
     "dtypes",
@@ -204,6 +205,8 @@ def check_rule(make_optimizer: OptimizerFactory, *, rule: str | PredictionRule |
     for check in checks:
         check(make_optimizer, make_params(shapes, dtype, seed), steps=steps, rule=rule)
     check_steps_zero_identity(make_optimizer, make_params(shapes, dtype, seed), rule=rule)
+    if dtype != torch.bfloat16:
+        check_direction(make_optimizer, make_params(shapes, dtype, seed), rule=rule)
     if constant_gradient:
         check_constant_gradient_exact(make_optimizer, make_params(shapes, dtype, seed),
                                       steps=steps, rule=rule)
@@ -238,3 +241,24 @@ def horizons(max_steps: int = 8) -> Any:
     from hypothesis import strategies as st
 
     return st.integers(0, max_steps)
+
+
+def check_direction(make_optimizer: OptimizerFactory, params: list[Tensor], *,
+                    warmup: int = 5, rule: str | PredictionRule | None = None) -> None:
+    """Under a constant gradient, the one-step prediction moves the weights the way the next real
+    update does: positive inner product of predicted and actual displacement, for every tensor.
+    Catches sign errors (e.g. ``maximize``) that the exactness checks cannot see for rules that
+    are not exact."""
+    gen = torch.Generator().manual_seed(11)
+    gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
+    opt = PredictiveOptimizer(make_optimizer(params), steps=1, rule=rule)
+    const = lambda t, p: gs[next(i for i, q in enumerate(params) if q is p)]  # noqa: E731
+    run_updates(opt, params, warmup, grad=const)
+    before = _clone(params)
+    pred = predict(opt, 1)
+    pred = [pred[p].clone() for p in params]
+    run_updates(opt, params, 1, grad=const)
+    for i, (a, b, p) in enumerate(zip(pred, before, params)):
+        dot = ((a.double() - b.double()) * (p.detach().double() - b.double())).sum().item()
+        if dot <= 0:
+            raise AssertionError(f"prediction {i} points away from the real update (dot {dot:.3e})")

@@ -39,6 +39,15 @@ def test_steps_zero_is_the_bare_optimizer(name, shapes, dtype, lr, seed):
                                       testing.make_params(shapes, dtype, seed))
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@PROPS
+@given(shapes=testing.shapes(), lr=testing.learning_rates(1e-4, 1e-2), seed=st.integers(0, 2**16))
+def test_prediction_points_the_way_of_the_next_update(name, shapes, lr, seed):
+    factory, _ = OPTIMIZERS[name]
+    testing.check_direction(lambda ps: factory(ps, lr),
+                            testing.make_params(shapes, torch.float64, seed))
+
+
 EXACT = sorted(n for n, (_, exact) in OPTIMIZERS.items() if exact)
 
 

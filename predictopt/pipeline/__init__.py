@@ -1,6 +1,17 @@
 """Pipeline-parallel helpers: schedule action orders, per-stage staleness and timelines, the
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
+from predictopt.pipeline.pb import (
+    PB_METHODS,
+    PB_SCHEDULE,
+    pb_delays,
+    pb_global_order,
+    pb_local_orders,
+    pb_method,
+    pb_optimizer,
+    pb_staleness,
+    pb_ticks,
+)
 from predictopt.pipeline.schedules import (
     SUPPORTED_SCHEDULES,
     Action,
@@ -53,4 +64,13 @@ __all__ = [
     "default_update_every",
     "simulate",
     "train",
+    "PB_METHODS",
+    "PB_SCHEDULE",
+    "pb_delays",
+    "pb_global_order",
+    "pb_local_orders",
+    "pb_method",
+    "pb_optimizer",
+    "pb_staleness",
+    "pb_ticks",
 ]

@@ -9,6 +9,13 @@ weights, so the simulation reproduces bit for bit what a distributed run of the 
 with the same workers computes. The ``sequential`` method ignores the schedule and runs each
 micro-batch forward through all stages, then backward, then updates every stage.
 
+``schedule="PB"`` is fine-grained Pipelined Backpropagation (:mod:`~predictopt.pipeline.pb`):
+every stage its own rank, one update per completed backward, a step is one stream of ``n``
+micro-batches in the tick order of :func:`~predictopt.pipeline.pb.pb_global_order` (no flush
+inside it, drained at its end), and the methods ``pb``, ``pb-sc``, ``pb-lwp`` and ``pb-sc-lwp``
+(:data:`~predictopt.pipeline.pb.PB_METHODS`) run on it with momentum SGD. The generic per-update
+methods ``sequential``, ``pipedream``, ``spectrain`` and ``pipeoptim`` run on it too.
+
 Example::
 
     from predictopt.data import load_dataset, mlp_stages
@@ -31,8 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .pb import (
+    PB_METHODS,
+    PB_SCHEDULE,
+    pb_delays,
+    pb_global_order,
+    pb_method,
+    pb_optimizer,
+    pb_staleness,
+)
 from .schedules import Action, global_order, stage_to_rank, staleness
-from .semantics import PREDICTING_METHODS, StageWorker, check_method
+from .semantics import METHODS, PREDICTING_METHODS, StageWorker, check_method
 
 __all__ = [
     "PipelineSimulator",
@@ -43,6 +59,18 @@ __all__ = [
 ]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+#: Generic methods that run on the ``"PB"`` schedule (one update per completed backward).
+_PB_GENERIC = ("sequential", "pipedream", "spectrain", "pipeoptim")
+
+
+def _check_sim_method(method: Any) -> str:
+    if isinstance(method, str) and method in PB_METHODS:
+        return method
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS + PB_METHODS)}; "
+                         f"got {method!r}")
+    return method
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -80,21 +108,33 @@ class PipelineSimulator:
         make_optimizer: ``make_optimizer(params) -> torch.optim.Optimizer``, called once per stage
             with that stage's parameters; the worker wraps it in a
             :class:`~predictopt.PredictiveOptimizer`.
-        method: One of :data:`~predictopt.pipeline.semantics.METHODS`.
-        schedule: A schedule name of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`.
-        n_microbatches: Micro-batches per step ``n``.
+        method: One of :data:`~predictopt.pipeline.semantics.METHODS` or of
+            :data:`~predictopt.pipeline.pb.PB_METHODS` (``pb``, ``pb-sc``, ``pb-lwp``,
+            ``pb-sc-lwp``: ``schedule="PB"`` only; ``make_optimizer`` must then return a
+            ``torch.optim.SGD`` with momentum, which ``pb-sc*`` turn into a
+            :class:`~predictopt.spike.SpikeCompensatedSGD` with the stage's delay $D_k$, see
+            :func:`~predictopt.pipeline.pb.pb_optimizer`).
+        schedule: A schedule name of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`, or
+            ``"PB"`` (Pipelined Backpropagation; accepted in any case). Default: ``"PB"`` for the
+            PB methods, ``"1F1B"`` otherwise.
+        n_microbatches: Micro-batches per step ``n`` (for ``"PB"``: the length of one stream,
+            e.g. the samples of an epoch at one sample per micro-batch).
         num_ranks: Pipeline ranks; default ``len(stages) / stages_per_rank`` (``stages_per_rank``
             is 2 for multi-stage schedules, 1 otherwise). Must match ``len(stages)`` if given.
         loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the micro-batch).
         update_every: Completed backwards per update; default
             :func:`default_update_every`. Only ``pipedream-2bw`` (``>= num_stages``) and
             ``xpipe`` accept other values than their default.
-        rule: Prediction rule overriding the method's (predicting methods only).
+        rule: Prediction rule overriding the method's (predicting methods only; the PB methods
+            fix theirs: ``"sgd"`` for ``pb-lwp`` and ``pb-sc-lwp``).
         horizons: ``{stage: [h(0), ..., h(n-1)]}`` overriding the prediction horizons
-            (predicting methods only); default: the staleness table.
+            (predicting methods, ``pb-lwp`` and ``pb-sc-lwp`` included); default: the
+            staleness table.
 
     Attributes:
         workers: The :class:`StageWorker` of every stage.
+        worker_method: The method the workers run (``pb``/``pb-sc``: ``pipedream``,
+            ``pb-lwp``/``pb-sc-lwp``: ``pipeoptim``; otherwise ``method``).
         staleness: ``{stage: [s(stage, i)]}`` the workers run with (zeros for ``sequential``).
         order: The actions one :meth:`step` executes, in order.
 
@@ -109,7 +149,7 @@ class PipelineSimulator:
         make_optimizer: OptimizerFactory,
         *,
         method: str = "pipeoptim",
-        schedule: str = "1F1B",
+        schedule: str | None = None,
         n_microbatches: int,
         num_ranks: int | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
@@ -117,7 +157,22 @@ class PipelineSimulator:
         rule: Any = None,
         horizons: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
-        self.method = check_method(method)
+        self.method = _check_sim_method(method)
+        is_pb_method = self.method in PB_METHODS
+        if schedule is None:
+            schedule = PB_SCHEDULE if is_pb_method else "1F1B"
+        is_pb = isinstance(schedule, str) and schedule.lower() == PB_SCHEDULE.lower()
+        if is_pb:
+            schedule = PB_SCHEDULE
+        if is_pb_method and not is_pb:
+            raise ValueError(f"method {self.method!r} runs on schedule {PB_SCHEDULE!r} only, "
+                             f"got {schedule!r}")
+        worker_method, _, pb_rule = pb_method(self.method) if is_pb_method \
+            else (self.method, False, None)
+        if is_pb and worker_method not in _PB_GENERIC:
+            raise ValueError(f"schedule {PB_SCHEDULE!r} updates after every backward: it runs "
+                             f"{', '.join(_PB_GENERIC + PB_METHODS)}, not {self.method!r}")
+        self.worker_method = worker_method
         if isinstance(stages, nn.Module) or not isinstance(stages, Sequence) or not stages:
             raise ValueError("stages must be a non-empty sequence of nn.Module")
         if not all(isinstance(m, nn.Module) for m in stages):
@@ -128,7 +183,7 @@ class PipelineSimulator:
             raise ValueError("loss_fn must be callable: (output, target) -> loss")
         n = _check_int(n_microbatches, "n_microbatches")
         num_stages = len(stages)
-        spr = len(stage_to_rank(schedule, 1))  # validates the schedule name
+        spr = 1 if is_pb else len(stage_to_rank(schedule, 1))  # validates the schedule name
         if num_stages % spr:
             raise ValueError(f"schedule {schedule!r} places {spr} stages per rank; the number of "
                              f"stages ({num_stages}) must be a multiple of {spr}")
@@ -138,7 +193,7 @@ class PipelineSimulator:
             if num_ranks != derived:
                 raise ValueError(f"num_ranks must be len(stages) / stages_per_rank = {derived} "
                                  f"for {num_stages} stages on {schedule!r}, got {num_ranks}")
-        default_u = default_update_every(self.method, num_stages, n)
+        default_u = default_update_every(worker_method, num_stages, n)
         if update_every is None:
             u = default_u
         else:
@@ -151,10 +206,11 @@ class PipelineSimulator:
         if self.method == "pipedream-2bw" and u < num_stages and u != n:
             raise ValueError(f"update_every must be >= the number of stages ({num_stages}) "
                              f"for pipedream-2bw, got {u}")
-        if horizons is not None and self.method not in PREDICTING_METHODS:
-            raise ValueError(f"horizons apply to {PREDICTING_METHODS} only")
-        if rule is not None and self.method not in PREDICTING_METHODS:
-            raise ValueError(f"rule applies to {PREDICTING_METHODS} only")
+        if horizons is not None and worker_method not in PREDICTING_METHODS:
+            raise ValueError(f"horizons apply to {PREDICTING_METHODS + PB_METHODS[2:]} only")
+        if rule is not None and (is_pb_method or worker_method not in PREDICTING_METHODS):
+            raise ValueError(f"rule applies to {PREDICTING_METHODS} only (the PB methods fix "
+                             "their own)")
         horizons = dict(horizons or {})
         if any(k not in range(num_stages) for k in horizons):
             raise ValueError(f"horizons keys must be stage indices 0..{num_stages - 1}")
@@ -174,22 +230,28 @@ class PipelineSimulator:
                 for kind, ks in (("F", range(num_stages)), ("B", reversed(range(num_stages))))
                 for k in ks
             ]
+        elif is_pb:
+            self.staleness = pb_staleness(num_stages, n)
+            self.order = pb_global_order(num_stages, n)
         else:
             self.staleness = staleness(schedule, derived, n, stages_per_rank=spr, update_every=u)
             self.order = global_order(schedule, derived, n, stages_per_rank=spr)
-        self.workers = [
-            StageWorker(
+        delays = pb_delays(num_stages)
+        self.workers: list[StageWorker] = []
+        for k, m in enumerate(self.stages):
+            opt = make_optimizer(m.parameters())
+            if is_pb_method:
+                opt = pb_optimizer(self.method, opt, delays[k])
+            self.workers.append(StageWorker(
                 m,
-                make_optimizer(m.parameters()),
-                method=self.method,
+                opt,
+                method=worker_method,
                 staleness=self.staleness[k],
                 update_every=u,
-                rule=rule,
+                rule=pb_rule if is_pb_method else rule,
                 horizons=horizons.get(k),
                 input_grads=k > 0,
-            )
-            for k, m in enumerate(self.stages)
-        ]
+            ))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -204,7 +266,8 @@ class PipelineSimulator:
         The version a synchronous run would use minus the version the forward reads before any
         prediction: ``max s(k, i)`` for ``pipedream``, ``spectrain``, ``xpipe``, ``pipeoptim``
         (the predicting ones compensate it), 1 for ``pipedream-2bw`` (by design), 0 for
-        ``sequential`` and ``gpipe``.
+        ``sequential`` and ``gpipe``; on ``"PB"``, $D_0 = 2 (K - 1)$ once the stream is longer
+        than that.
         """
         if self.method == "pipedream-2bw":
             return 1
@@ -287,12 +350,15 @@ def train(
     microbatch_size: int,
     seed: int = 0,
     progress: Any = None,
+    per_microbatch: bool = False,
 ) -> list[float]:
     """Train for some epochs over a dataset; return the loss of every step.
 
     Each epoch shuffles the samples with a generator seeded by ``seed + epoch``, cuts them into
     batches of ``microbatch_size * n_microbatches`` (the last incomplete batch is dropped) and runs
-    :meth:`PipelineSimulator.step` on each.
+    :meth:`PipelineSimulator.step` on each. For ``schedule="PB"`` a step is one stream, drained
+    at its end: with ``microbatch_size=1`` and ``n_microbatches`` = the samples per epoch, an
+    epoch is one stream of single samples (the mapping of :mod:`~predictopt.pipeline.pb`).
 
     Args:
         sim: The simulator.
@@ -303,9 +369,11 @@ def train(
         seed: Seed of the shuffling.
         progress: Optional object with ``update(n)`` (e.g. a ``tqdm`` bar), called after each
             step; it may also have ``set_postfix``.
+        per_microbatch: Return every micro-batch's loss (in the order the samples were drawn)
+            instead of one mean per step; useful for long PB streams.
 
     Returns:
-        Per step, the mean of its micro-batch losses.
+        Per step, the mean of its micro-batch losses (or every micro-batch's loss).
 
     Raises:
         ValueError: bad sizes, or fewer samples than one batch.
@@ -326,11 +394,15 @@ def train(
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
             losses = sim.step(x[idx], y[idx])
-            out.append(sum(losses) / len(losses))
+            if per_microbatch:
+                out.extend(losses)
+            else:
+                out.append(sum(losses) / len(losses))
             if progress is not None:
                 progress.update(1)
                 if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(loss=f"{out[-1]:.4f}", refresh=False)
+                    progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}",
+                                         refresh=False)
     return out
 
 
@@ -349,7 +421,7 @@ def simulate(
     y: Tensor,
     *,
     method: str = "pipeoptim",
-    schedule: str = "1F1B",
+    schedule: str | None = None,
     n_microbatches: int,
     microbatch_size: int,
     epochs: int = 1,

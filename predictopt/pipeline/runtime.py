@@ -1,0 +1,799 @@
+r"""Distributed pipeline training with PyTorch's native schedules: :class:`PredictiveStage`.
+
+:class:`PredictiveStage` is a ``torch.distributed.pipelining.PipelineStage`` that trains itself
+asynchronously. Each forward runs on the weights its method prescribes (predicted for
+``pipeoptim``, ``spectrain`` and ``xpipe``, stashed for ``pipedream``, the previous version for
+``pipedream-2bw``), and the stage steps its optimizer after every ``update_every``-th completed
+backward, inside ``schedule.step()``. The schedule is any of torch's own classes, unchanged::
+
+    stage = PredictiveStage(stage_module, stage_index, num_stages, device,
+                            optimizer=torch.optim.AdamW(stage_module.parameters(), lr=1e-3),
+                            method="pipeoptim")
+    schedule = Schedule1F1B(stage, n_microbatches=16, loss_fn=loss_fn)
+    for x, y in loader:
+        losses = []
+        schedule.step(x, target=y, losses=losses)   # forwards, backwards and updates
+
+How the stage learns its schedule
+---------------------------------
+The staleness of every micro-batch (the horizon of the prediction) depends on the schedule
+class, the number of ranks, the stages per rank, the number of micro-batches and
+``update_every`` (:func:`predictopt.pipeline.staleness`). A stage learns them from the schedule
+object that drives it, in one of two ways:
+
+* **explicitly**: :func:`attach` ``(schedule)`` right after constructing the schedule (what
+  :func:`build_pipeline` does). Every check runs there, before any work.
+* **automatically**: every ``schedule.step()`` / ``schedule.eval()`` first calls
+  ``clear_runtime_states()`` on each of the rank's stages, before any communication. The
+  stage's override finds the calling schedule on the call stack (the ``step`` frame whose
+  ``self`` is a torch schedule holding this stage) and attaches to it, so a plain
+  ``Schedule1F1B(stage, ...)`` needs nothing else. If a stage is driven without a schedule, its
+  first forward raises a :class:`RuntimeError` that says to call :func:`attach`.
+
+Attaching identifies the schedule by its class (one of
+:data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`), reads ``_n_microbatches``, the group size
+and the rank's stage list, checks the placement of the stages (loop: stage ``s`` on rank
+``s % K``; V: rank ``r`` holds ``r`` and ``2K - 1 - r``), checks the schedule's own action
+order for this rank against :func:`predictopt.pipeline.schedule_actions`, computes the
+staleness table and builds one :class:`~predictopt.pipeline.StageWorker` per stage.
+
+Each step is also validated before any communication on the ranks that see data: the batch
+(rank of stage 0) and the target (rank of the last stage) must split into ``n`` equal
+micro-batches, keep their shapes between consecutive steps of the same mode (torch sizes its
+receive buffers from the first step) and the target must be given when the schedule has a
+loss function.
+
+Equivalence
+-----------
+Every stage's weights depend only on its own rank's action order, which is the order
+:class:`~predictopt.pipeline.PipelineSimulator` uses for that stage, so for the same initial
+weights, optimizers, micro-batches and loss function a distributed run reproduces the
+simulator bit for bit (tested with ``torch.equal`` for every schedule).
+
+Gradient scaling
+----------------
+The worker averages the gradients of the ``update_every`` micro-batches an update covers, so
+the loss function should be a per-micro-batch mean. The schedule's ``scale_grads`` is harmless:
+:meth:`PredictiveStage.scale_grads` is a no-op (the stage's gradients are applied and cleared
+before the schedule would scale them), so ``scale_grads=True`` and ``False`` train identically.
+
+Faults
+------
+:func:`init_distributed` initialises the process group with a bounded timeout
+(:data:`DEFAULT_TIMEOUT_S` unless given): when a rank dies its peers fail at once with a gloo
+"connection closed" error, and when a rank hangs they fail after the timeout, instead of
+waiting forever (gloo's own default is 30 minutes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
+    _PipelineSchedule,
+)
+from torch.optim import Optimizer
+
+from .schedules import (
+    _SCHEDULES,
+    _convert_torch_action,
+    _resolve_schedule,
+    schedule_actions,
+    stage_to_rank,
+    staleness,
+)
+from .semantics import StageWorker, check_method
+from .simulator import default_update_every
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PredictiveStage",
+    "attach",
+    "build_pipeline",
+    "init_distributed",
+    "schedule_name",
+]
+
+#: Default timeout, in seconds, of the process group created by :func:`init_distributed`.
+DEFAULT_TIMEOUT_S: float = 120.0
+
+_MAX_FRAMES = 12  # how far up the call stack clear_runtime_states looks for the schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+
+
+def init_distributed(
+    backend: str = "gloo",
+    *,
+    timeout: float | datetime.timedelta = DEFAULT_TIMEOUT_S,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    store: dist.Store | None = None,
+) -> tuple[int, int]:
+    """Initialise the default process group with a bounded timeout; return ``(rank, world)``.
+
+    Reads ``RANK`` / ``WORLD_SIZE`` (and ``MASTER_ADDR`` / ``MASTER_PORT``) from the
+    environment as ``torchrun`` sets them, unless ``rank`` / ``world_size`` / ``init_method`` /
+    ``store`` are given. Does nothing but return the rank and size if a group exists already.
+
+    Args:
+        backend: ``"gloo"`` (CPU) or ``"nccl"``.
+        timeout: Seconds (or a ``timedelta``) after which a blocked send, receive or
+            collective raises instead of waiting for a peer that hangs. A peer that dies is
+            detected at once (its sockets close).
+        rank: This process's rank (default ``$RANK``).
+        world_size: Number of processes (default ``$WORLD_SIZE``).
+        init_method: Passed to ``init_process_group`` (default ``env://``).
+        store: A ``torch.distributed.Store`` to rendezvous with instead of ``init_method``.
+
+    Raises:
+        ValueError: a non-positive timeout, or no rank / world size given or in the environment.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    td = timeout if isinstance(timeout, datetime.timedelta) else \
+        datetime.timedelta(seconds=float(timeout))
+    if td.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    rank = int(os.environ["RANK"]) if rank is None and "RANK" in os.environ else rank
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None and \
+        "WORLD_SIZE" in os.environ else world_size
+    if rank is None or world_size is None:
+        raise ValueError("rank and world_size must be given or set in the environment "
+                         "(RANK, WORLD_SIZE: launch with torchrun)")
+    kw: dict[str, Any] = {"rank": rank, "world_size": world_size, "timeout": td}
+    if store is not None:
+        kw["store"] = store
+    elif init_method is not None:
+        kw["init_method"] = init_method
+    dist.init_process_group(backend, **kw)
+    return rank, world_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def _schedule_stages(schedule: Any) -> list[Any]:
+    if isinstance(schedule, PipelineScheduleSingle):
+        return [schedule._stage]
+    if isinstance(schedule, PipelineScheduleMulti):
+        return list(schedule._stages)
+    raise TypeError(f"expected a torch.distributed.pipelining schedule, got {type(schedule)!r}")
+
+
+def schedule_name(schedule: Any) -> str:
+    """The :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES` name of a torch schedule object.
+
+    The class must be one of torch's native schedule classes or a subclass of one (the action
+    order is checked against the native one when the stage attaches).
+
+    Raises:
+        TypeError: not a torch pipeline schedule.
+        ValueError: a schedule class predictopt does not handle (e.g. a custom
+            ``_PipelineScheduleRuntime`` loaded from a CSV).
+    """
+    if not isinstance(schedule, _PipelineSchedule):
+        raise TypeError(f"expected a torch.distributed.pipelining schedule, got "
+                        f"{type(schedule)!r}")
+    classes = []
+    for info in _SCHEDULES:
+        try:
+            _, cls = _resolve_schedule(info.name)
+        except ValueError:  # not in the installed torch
+            continue
+        if type(schedule) is cls:
+            return info.name
+        classes.append((info.name, cls))
+    for name, cls in classes:
+        if isinstance(schedule, cls):
+            return name
+    names = ", ".join(info.class_name for info in _SCHEDULES)
+    raise ValueError(f"PredictiveStage cannot run under {type(schedule).__name__}: its staleness "
+                     f"table is known for torch's native schedules only ({names})")
+
+
+def _native_order(schedule: Any, rank: int) -> list[Any] | None:
+    """The compute actions the schedule object will run on ``rank`` (multi-stage schedules)."""
+    order = getattr(schedule, "pipeline_order_with_comms", None) or getattr(
+        schedule, "pipeline_order", None)
+    if not isinstance(schedule, PipelineScheduleMulti) or not order or rank not in order:
+        return None  # single-stage schedules: the runtime loop is the order (schedules.py)
+    acts: list[Any] = []
+    for a in order[rank]:
+        acts.extend(_convert_torch_action(a))
+    return acts
+
+
+def attach(schedule: Any) -> list[PredictiveStage]:
+    """Attach the :class:`PredictiveStage` objects of a torch schedule to it, checking everything.
+
+    Call it right after constructing the schedule to get every configuration error before any
+    work (the stages also attach themselves at the start of the first ``schedule.step()``).
+    Re-attaching a stage to another schedule between steps is allowed (its optimizer state,
+    and the previous weights of ``pipedream-2bw``, carry over).
+
+    Args:
+        schedule: A torch schedule object (``Schedule1F1B(stage, ...)``, ...) whose stages on
+            this rank are :class:`PredictiveStage`.
+
+    Returns:
+        This rank's stages, in the schedule's order.
+
+    Raises:
+        TypeError: not a schedule, or stages on this rank that are not all
+            :class:`PredictiveStage`.
+        ValueError: an unsupported schedule class, a schedule missing from the installed torch,
+            a wrong stage placement, a number of stages that does not match the group size,
+            an ``update_every`` the method does not accept, or a configuration the method
+            cannot run (e.g. ``pipedream-2bw`` with staleness ``>= 2``).
+        RuntimeError: a stage with micro-batches in flight, or a schedule whose action order
+            differs from the native one.
+    """
+    name = schedule_name(schedule)
+    stages = _schedule_stages(schedule)
+    if not all(isinstance(s, PredictiveStage) for s in stages):
+        kinds = ", ".join(type(s).__name__ for s in stages)
+        raise TypeError(f"every stage of this rank must be a PredictiveStage to attach; the "
+                        f"schedule holds {kinds}")
+    n = schedule._n_microbatches
+    first = stages[0]
+    k_ranks, rank, num_stages = first.group_size, first.group_rank, first.num_stages
+    spr = len(stages)
+    if any(s.num_stages != num_stages for s in stages):
+        raise ValueError("the stages of this rank disagree on num_stages")
+    if num_stages != k_ranks * spr:
+        raise ValueError(
+            f"{name} with {spr} stage(s) per rank on a group of {k_ranks} ranks runs "
+            f"{k_ranks * spr} stages, but the stages say num_stages={num_stages}")
+    placement = stage_to_rank(name, k_ranks, spr)
+    expected = sorted(k for k, r in placement.items() if r == rank)
+    held = [s.stage_index for s in stages]
+    if sorted(held) != expected:
+        style = "V" if name in ("ZBVZeroBubble", "DualPipeV") else "loop"
+        raise ValueError(
+            f"{name} ({style} placement) puts stages {expected} on rank {rank} of {k_ranks}, "
+            f"but this rank holds stages {held}; see predictopt.pipeline.stage_to_rank"
+            f"({name!r}, {k_ranks}, {spr})")
+    own = _native_order(schedule, rank)
+    derived = schedule_actions(name, k_ranks, n, stages_per_rank=spr)[rank]
+    if own is not None and own != derived:
+        raise RuntimeError(
+            f"the action order of this {type(schedule).__name__} on rank {rank} differs from "
+            f"torch's native {name} order, so the staleness table would be wrong "
+            f"(got {' '.join(map(str, own[:12]))} ..., expected "
+            f"{' '.join(map(str, derived[:12]))} ...)")
+    for s in stages:
+        s._attach(schedule, name, k_ranks, spr, n)
+    return stages
+
+
+def _find_step(stage: PredictiveStage) -> tuple[Any, dict[str, Any]] | None:
+    """The torch schedule whose ``step`` is running with ``stage``, and that frame's locals."""
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "step":
+            local = frame.f_locals
+            obj = local.get("self")
+            if isinstance(obj, _PipelineSchedule) and any(
+                    s is stage for s in _schedule_stages(obj)):
+                return obj, local
+        frame = frame.f_back
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# PredictiveStage
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_output(out: Any, stage_index: int) -> None:
+    if isinstance(out, Tensor):
+        return
+    if type(out) in (tuple, list) and out and all(isinstance(t, Tensor) for t in out):
+        return
+    what = type(out).__name__
+    if type(out) in (tuple, list):
+        what += " of " + ", ".join(type(t).__name__ for t in out) if out else " (empty)"
+    raise TypeError(f"stage {stage_index} must return a Tensor or a tuple of Tensors (what "
+                    f"torch's pipeline sends between stages), got {what}")
+
+
+def _tensor_leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensor_leaves(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensor_leaves(o)]
+    return []
+
+
+def _resolve_update_every(method: str, update_every: int | None, num_stages: int,
+                          n: int) -> int:
+    default_u = default_update_every(method, num_stages, n)
+    if update_every is None:
+        return default_u
+    u = update_every
+    if method not in ("pipedream-2bw", "xpipe") and u != default_u:
+        raise ValueError(f"update_every must be {default_u} for method {method!r} with "
+                         f"{n} micro-batches, got {u}")
+    if n % u:
+        raise ValueError(f"update_every ({u}) must divide n_microbatches ({n})")
+    if method == "pipedream-2bw" and u < num_stages and u != n:
+        raise ValueError(f"update_every must be >= the number of stages ({num_stages}) for "
+                         f"pipedream-2bw, got {u}")
+    return u
+
+
+class PredictiveStage(PipelineStage):
+    r"""A ``PipelineStage`` that trains itself with a pipeline method inside ``schedule.step()``.
+
+    Drop-in for ``torch.distributed.pipelining.PipelineStage`` under torch's native schedules
+    (``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``, ``ScheduleLoopedBFS``,
+    ``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``),
+    including several stages per rank and the I/W split of the zero-bubble schedules. It
+    overrides ``forward_one_chunk``, ``backward_one_chunk`` and ``backward_weight_one_chunk``
+    to call a :class:`~predictopt.pipeline.StageWorker`: forwards run on the method's weights
+    (through ``torch.func.functional_call``; the module's parameters always hold the real
+    weights) and the stage steps ``optimizer`` after every ``update_every``-th completed
+    backward. Do not call ``optimizer.step()`` or ``zero_grad()`` yourself (both would be
+    harmless no-ops between steps: the gradients are already applied and cleared).
+
+    ``schedule.eval(...)`` runs the real weights under ``torch.no_grad()`` and does not touch
+    the optimizer. The module's ``state_dict`` holds the real weights between steps;
+    :meth:`state_dict` / :meth:`load_state_dict` bundle it with the optimizer's for an exact
+    resume.
+
+    Args:
+        submodule: The stage's module (not wrapped in DDP/FSDP).
+        stage_index: Global index of the stage (0 = first).
+        num_stages: Total number of stages.
+        device: The device the stage runs on (the module must be there already).
+        optimizer: A ``torch.optim.Optimizer`` over (some of) ``submodule``'s parameters, or a
+            :class:`~predictopt.PredictiveOptimizer` (then its rule and scheduler are used).
+        method: ``"pipeoptim"`` (default), ``"pipedream"``, ``"pipedream-2bw"``,
+            ``"spectrain"``, ``"xpipe"`` or ``"gpipe"`` (see
+            :mod:`predictopt.pipeline.semantics`). ``"sequential"`` is the single-process
+            reference and is rejected.
+        update_every: Completed backwards per update; default
+            :func:`~predictopt.pipeline.default_update_every` for the method (1 for the
+            per-micro-batch methods, ``n`` for ``gpipe``). Only ``pipedream-2bw`` and ``xpipe``
+            accept other values.
+        rule: Prediction rule overriding the method's (predicting methods only).
+        horizons: Per micro-batch prediction horizons overriding the staleness table
+            (predicting methods only; one entry per micro-batch).
+        **stage_kwargs: Passed to ``PipelineStage`` (``input_args``, ``output_args``,
+            ``group``, ...). ``dw_builder`` is not supported.
+
+    Attributes:
+        method: The method.
+        optimizer: The optimizer given.
+        worker: The :class:`~predictopt.pipeline.StageWorker` (``None`` until attached).
+        schedule_info: ``(schedule name, num_ranks, stages_per_rank, n_microbatches,
+            update_every)`` once attached, else ``None``.
+
+    Raises:
+        ValueError: an unknown or unsupported method, a bad ``update_every``, or ``dw_builder``.
+        TypeError: ``optimizer`` is not an optimizer, or the module is wrapped in DDP/FSDP.
+    """
+
+    def __init__(
+        self,
+        submodule: nn.Module,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device | str,
+        *,
+        optimizer: Optimizer,
+        method: str = "pipeoptim",
+        update_every: int | None = None,
+        rule: Any = None,
+        horizons: Sequence[int] | None = None,
+        **stage_kwargs: Any,
+    ) -> None:
+        method = check_method(method)
+        if method == "sequential":
+            raise ValueError("method 'sequential' is the single-process reference (no pipeline); "
+                             "use predictopt.pipeline.PipelineSimulator for it")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+        if stage_kwargs.get("dw_builder") is not None:
+            raise ValueError("dw_builder is not supported: the stage computes the weight "
+                             "gradients itself")
+        if update_every is not None and (isinstance(update_every, bool) or not isinstance(
+                update_every, int) or update_every < 1):
+            raise ValueError(f"update_every must be None or an int >= 1, got {update_every!r}")
+        wrapped = type(submodule).__name__ in ("DistributedDataParallel",) or any(
+            c.__name__ in ("FSDPModule", "FullyShardedDataParallel")
+            for c in type(submodule).__mro__)
+        if wrapped:
+            raise TypeError("PredictiveStage runs the module through functional_call, which "
+                            "bypasses DDP/FSDP; pass the bare stage module")
+        super().__init__(submodule, stage_index, num_stages, torch.device(device),
+                         **stage_kwargs)
+        self.method = method
+        self.optimizer = optimizer
+        self._update_every_arg = update_every
+        self._rule = rule
+        self._horizons = None if horizons is None else list(horizons)
+        self.worker: StageWorker | None = None
+        self.schedule_info: tuple[str, int, int, int, int] | None = None
+        self._schedule_ref: Callable[[], Any] | None = None
+        self._pending_previous: list[Tensor] | None = None
+        self._last_shapes: dict[str, tuple[bool, Any]] = {}
+        self._split_outputs: dict[int, tuple[Tensor, ...]] = {}
+        self._buffer_snapshot: list[tuple[Tensor, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ attaching
+    @property
+    def schedule(self) -> Any:
+        """The schedule the stage is attached to (``None`` before)."""
+        return self._schedule_ref() if self._schedule_ref is not None else None
+
+    def _attach(self, schedule: Any, name: str, k_ranks: int, spr: int, n: int) -> None:
+        if self._schedule_ref is not None and self._schedule_ref() is schedule:
+            return
+        previous = self._pending_previous
+        if self.worker is not None:
+            if self.worker.in_flight:
+                raise RuntimeError(f"stage {self.stage_index}: cannot attach to another schedule "
+                                   f"with micro-batches {self.worker.in_flight} in flight")
+            previous = self.worker._previous
+        u = _resolve_update_every(self.method, self._update_every_arg, self.num_stages, n)
+        table = staleness(name, k_ranks, n, stages_per_rank=spr, update_every=u)
+        if self._horizons is not None and len(self._horizons) != n:
+            raise ValueError(f"horizons must hold one entry per micro-batch ({n}), got "
+                             f"{len(self._horizons)}")
+        self.worker = StageWorker(
+            self.submod, self.optimizer, method=self.method,
+            staleness=table[self.stage_index], update_every=u, rule=self._rule,
+            horizons=self._horizons, input_grads=not self.is_first,
+        )
+        if previous is not None:
+            self.worker._previous = [t.detach().clone() for t in previous]
+        self._pending_previous = None
+        self.schedule_info = (name, k_ranks, spr, n, u)
+        self._schedule_ref = weakref.ref(schedule)
+
+    def _require_worker(self) -> StageWorker:
+        if self.worker is None:
+            raise RuntimeError(
+                f"PredictiveStage {self.stage_index} does not know its schedule. It attaches "
+                "itself at the start of schedule.step(); if you drive the stage from your own "
+                "code, call predictopt.pipeline.runtime.attach(schedule) first")
+        return self.worker
+
+    def clear_runtime_states(self) -> None:
+        """Per-step reset (torch), then schedule discovery and input checks (before any comms)."""
+        super().clear_runtime_states()
+        self._split_outputs.clear()
+        found = _find_step(self)
+        if found is None:
+            return
+        schedule, local = found
+        if schedule._loss_fn is not None and (self._schedule_ref is None
+                                              or self._schedule_ref() is not schedule):
+            attach(schedule)
+        self._check_step_inputs(schedule, local)
+
+    def _check_step_inputs(self, schedule: Any, local: Mapping[str, Any]) -> None:
+        n = schedule._n_microbatches
+        training = bool(self.has_backward)
+        mode = "step" if training else "eval"
+        sizes: dict[str, int] = {}
+        if self.is_first:
+            args = local.get("args", ())
+            kwargs = local.get("kwargs", {}) or {}
+            tensors = _tensor_leaves(args) + _tensor_leaves(kwargs)
+            if not tensors:
+                raise ValueError(f"the rank holding stage 0 must pass the batch to "
+                                 f"schedule.{mode}(...), got no tensor")
+            if schedule._args_chunk_spec is None and schedule._kwargs_chunk_spec is None:
+                for t in tensors:
+                    b = t.shape[0] if t.ndim else 0
+                    if b == 0 or b % n:
+                        raise ValueError(f"the batch size ({b}) must be a positive multiple of "
+                                         f"n_microbatches ({n}): torch would split it into "
+                                         "unequal micro-batches")
+                    sizes.setdefault("input", b)
+                self._check_same_shapes("input", training, tuple(t.shape for t in tensors))
+        if self.is_last and schedule._loss_fn is not None:
+            target = local.get("target")
+            if not isinstance(target, Tensor):
+                raise ValueError(f"the rank holding the last stage ({self.stage_index}) must pass "
+                                 f"target=... to schedule.{mode}(...) (the schedule has a "
+                                 f"loss_fn); got {type(target).__name__}")
+            b = target.shape[0] if target.ndim else 0
+            if b == 0 or b % n:
+                raise ValueError(f"the target's batch size ({b}) must be a positive multiple of "
+                                 f"n_microbatches ({n})")
+            sizes["target"] = b
+            self._check_same_shapes("target", training, (tuple(target.shape),))
+        if "input" in sizes and "target" in sizes and sizes["input"] != sizes["target"]:
+            raise ValueError(f"the batch ({sizes['input']}) and the target "
+                             f"({sizes['target']}) have different batch sizes")
+
+    def _check_same_shapes(self, key: str, training: bool, shapes: Any) -> None:
+        last = self._last_shapes.get(key)
+        if last is not None and last[0] == training and last[1] != shapes:
+            raise ValueError(
+                f"the {key} shapes changed between steps ({list(last[1])} -> {list(shapes)}): "
+                "torch sizes the pipeline's receive buffers from the first step, so every step "
+                "must use the same batch size and shapes")
+        self._last_shapes[key] = (training, shapes)
+
+    # ------------------------------------------------------------------ metadata inference
+    def _prepare_forward_infra(self, num_microbatches, args, kwargs=None, has_backward=False):
+        # Shape inference runs the real module once (on placeholder inputs for inner stages):
+        # keep its buffers (e.g. BatchNorm statistics) as they were.
+        if self._buffer_snapshot is None:
+            self._buffer_snapshot = [(b, b.detach().clone()) for b in self.submod.buffers()]
+        return super()._prepare_forward_infra(num_microbatches, args, kwargs, has_backward)
+
+    def _compute_outputs(self, *args: Tensor, module: nn.Module, **kwargs: Any) -> Any:
+        out = super()._compute_outputs(*args, module=module, **kwargs)
+        _check_output(out, self.stage_index)
+        return out
+
+    def _post_metadata_inference_cleanup(self) -> None:
+        super()._post_metadata_inference_cleanup()
+        if self._buffer_snapshot is not None:
+            with torch.no_grad():
+                for b, saved in self._buffer_snapshot:
+                    b.copy_(saved)
+            self._buffer_snapshot = None
+
+    # ------------------------------------------------------------------ compute actions
+    def forward_one_chunk(
+        self,
+        fwd_chunk_id: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
+        save_forward_output: bool = True,
+    ) -> Any:
+        """Forward one micro-batch on the method's weights (training) or the real ones (eval)."""
+        if not self.has_backward:
+            with torch.no_grad():
+                return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+        worker = self._require_worker()
+        inputs = args if self.is_first else self._retrieve_recv_activations(fwd_chunk_id)
+        kw = kwargs or {}
+        output = worker.forward(fwd_chunk_id, *inputs, **kw)
+        _check_output(output, self.stage_index)
+        output_tuple = tuple(output) if type(output) in (tuple, list) else (output,)
+        if self.is_last and save_forward_output:
+            self.output_chunks.append(output)
+        self.fwd_cache[fwd_chunk_id] = (output_tuple, list(_tensor_leaves(inputs)))
+        return output
+
+    def backward_one_chunk(
+        self,
+        bwd_chunk_id: int,
+        loss: Tensor | None = None,
+        full_backward: bool = True,
+        last_backward: bool = False,
+    ) -> None:
+        """Backward (``B``) or its input half (``I``) of one micro-batch; ``B`` may update."""
+        if not self.has_backward:
+            return
+        self._check_chunk_id(bwd_chunk_id)
+        worker = self._require_worker()
+        stage_output, _ = self.fwd_cache.pop(bwd_chunk_id)
+        if self.is_last:
+            if loss is None:
+                raise RuntimeError(f"stage {self.stage_index} (last) got no loss for micro-batch "
+                                   f"{bwd_chunk_id}: the schedule needs loss_fn and a target")
+            kw: dict[str, Any] = {"loss": loss}
+        else:
+            kw = {"grad_output": self._retrieve_recv_grads(bwd_chunk_id)}
+        if full_backward:
+            grads = worker.backward(bwd_chunk_id, **kw)
+        else:
+            grads = worker.backward_input(bwd_chunk_id, **kw)
+        metas = self._stage_meta.inputs
+        num_args = len(metas) if metas is not None else len(grads)
+        self.bwd_cache[bwd_chunk_id] = tuple(grads[:num_args])
+        if self.is_last and not self.is_first:
+            if full_backward:
+                self._release(stage_output)
+            else:
+                self._split_outputs[bwd_chunk_id] = stage_output
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
+        """Weight half (``W``) of a split backward; completes it and may update."""
+        if not self.has_backward:
+            return
+        self._require_worker().backward_weight(bwd_chunk_id)
+        out = self._split_outputs.pop(bwd_chunk_id, None)
+        if out is not None:
+            self._release(out)
+
+    # torch 2.13's runtime still walks the backward actions of a V schedule under eval() and
+    # passes "gradients" between the two stages of a rank, which asserts has_backward: make
+    # that hand-over a no-op in eval so schedule.eval() works under ZBVZeroBubble / DualPipeV.
+    def get_local_bwd_output(self, mb_index: int) -> Any:
+        if not self.has_backward:
+            return ()
+        return super().get_local_bwd_output(mb_index)
+
+    def set_local_bwd_input(self, next_stage_bwd_outputs: Any, mb_index: int) -> None:
+        if not self.has_backward:
+            return
+        super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
+
+    @staticmethod
+    def _release(outputs: Iterable[Tensor]) -> None:
+        # As torch does: the last stage's outputs are only kept to be returned; drop the graph.
+        for t in outputs:
+            if isinstance(t, Tensor) and not t._is_view():
+                t.detach_()
+
+    def scale_grads(self, grad_scale_factor: int) -> None:
+        """No-op: the worker averages each update's micro-batch gradients itself.
+
+        The gradients are applied and cleared by the time a schedule calls this, so
+        ``scale_grads=True`` and ``False`` train identically.
+        """
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's checkpoint: module (real weights), optimizer and method state.
+
+        Take it between steps. ``{"module": ..., "optimizer": ..., "method": ...,
+        "previous": ...}``; ``previous`` is the version before the last update
+        (``pipedream-2bw``) or ``None``. For every other method the module's and the
+        optimizer's own ``state_dict`` are enough to resume bit for bit.
+
+        Raises:
+            RuntimeError: micro-batches in flight (called inside a step).
+        """
+        previous = None
+        if self.worker is not None:
+            if self.worker.in_flight:
+                raise RuntimeError("state_dict() must be called between steps")
+            previous = self.worker._previous
+        elif self._pending_previous is not None:
+            previous = self._pending_previous
+        return {
+            "module": self.submod.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method,
+            "previous": None if previous is None else [t.detach().clone() for t in previous],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output (between steps, or before the first one).
+
+        Raises:
+            ValueError: a checkpoint of another method.
+        """
+        if state_dict.get("method") != self.method:
+            raise ValueError(f"checkpoint of method {state_dict.get('method')!r} cannot be "
+                             f"loaded into a {self.method!r} stage")
+        self.submod.load_state_dict(state_dict["module"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        previous = state_dict.get("previous")
+        previous = None if previous is None else [t.detach().clone() for t in previous]
+        if self.worker is not None:
+            if self.worker.in_flight:
+                raise RuntimeError("load_state_dict() must be called between steps")
+            self.worker._previous = previous
+        else:
+            self._pending_previous = previous
+
+    def __repr__(self) -> str:
+        return (f"PredictiveStage(stage_index={self.stage_index}, num_stages={self.num_stages}, "
+                f"method={self.method!r}, schedule={self.schedule_info})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Builder
+# ---------------------------------------------------------------------------------------------
+
+
+def build_pipeline(
+    stage_modules: Sequence[nn.Module] | Callable[[int], nn.Module],
+    schedule: str = "1F1B",
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    n_microbatches: int,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
+    method: str = "pipeoptim",
+    loss_fn: Callable[..., Tensor] | None,
+    device: torch.device | str = "cpu",
+    update_every: int | None = None,
+    stages_per_rank: int | None = None,
+    rule: Any = None,
+    group: dist.ProcessGroup | None = None,
+    **schedule_kwargs: Any,
+) -> tuple[list[PredictiveStage], Any]:
+    """Create this rank's :class:`PredictiveStage` objects and torch's native schedule over them.
+
+    Stages are placed as the schedule expects (:func:`~predictopt.pipeline.stage_to_rank`:
+    loop placement, or V placement for ``ZBVZeroBubble`` / ``DualPipeV``), moved to
+    ``device``, given an optimizer each, and the schedule is built with ``scale_grads=False``
+    and attached (every check runs here, before any communication).
+
+    Args:
+        stage_modules: All stage modules in model order (only this rank's are used), or
+            ``build(stage_index) -> nn.Module`` called for this rank's stages only.
+        schedule: A name of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`
+            (case-insensitive).
+        rank: This rank in ``group`` (default: the group's rank).
+        world_size: Number of pipeline ranks (default: the group's size).
+        n_microbatches: Micro-batches per ``schedule.step()``.
+        make_optimizer: ``make_optimizer(params) -> Optimizer``, once per local stage.
+        method: See :class:`PredictiveStage`.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (a per-micro-batch mean), or ``None``
+            for a forward-only pipeline.
+        device: Device of this rank's stages.
+        update_every: See :class:`PredictiveStage`.
+        stages_per_rank: Default 1 for single-stage schedules, 2 for the others.
+        rule: Prediction rule overriding the method's.
+        group: Process group (default: the default group).
+        **schedule_kwargs: More arguments of the torch schedule class.
+
+    Returns:
+        ``(stages, schedule)``: the local stages sorted by stage index and the torch schedule
+        object (``schedule.step(x, target=y, losses=losses)``).
+
+    Raises:
+        ValueError: unknown schedule, schedule missing from the installed torch (naming the
+            release that has it), rank / world size that disagree with the group, wrong number
+            of stage modules, or anything :func:`attach` rejects.
+    """
+    info, cls = _resolve_schedule(schedule)
+    name = info.name
+    if not dist.is_initialized():
+        raise RuntimeError("initialise the process group first (predictopt.pipeline.runtime."
+                           "init_distributed() or torch.distributed.init_process_group)")
+    g_rank, g_size = dist.get_rank(group), dist.get_world_size(group)
+    if rank is not None and rank != g_rank:
+        raise ValueError(f"rank={rank} but this process is rank {g_rank} of the group")
+    if world_size is not None and world_size != g_size:
+        raise ValueError(f"world_size={world_size} but the group has {g_size} ranks")
+    placement = stage_to_rank(name, g_size, stages_per_rank)
+    num_stages = len(placement)
+    if not callable(stage_modules):
+        if isinstance(stage_modules, nn.Module) or not isinstance(stage_modules, Sequence):
+            raise ValueError("stage_modules must be a sequence of nn.Module or a callable")
+        if len(stage_modules) != num_stages:
+            raise ValueError(f"{name} on {g_size} ranks with {num_stages // g_size} stage(s) per "
+                             f"rank needs {num_stages} stage modules, got {len(stage_modules)}")
+    local = sorted(k for k, r in placement.items() if r == g_rank)
+    stages: list[PredictiveStage] = []
+    for k in local:
+        module = stage_modules(k) if callable(stage_modules) else stage_modules[k]
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"stage module {k} is not an nn.Module: {type(module)!r}")
+        module = module.to(device)
+        stages.append(PredictiveStage(
+            module, k, num_stages, device, optimizer=make_optimizer(module.parameters()),
+            method=method, update_every=update_every, rule=rule, group=group))
+    schedule_kwargs.setdefault("scale_grads", False)
+    target = stages[0] if len(stages) == 1 and not issubclass(cls, PipelineScheduleMulti) \
+        else stages
+    sched = cls(target, n_microbatches, loss_fn=loss_fn, **schedule_kwargs)
+    if loss_fn is not None:
+        attach(sched)
+    return stages, sched
