@@ -1,7 +1,8 @@
 """Run every benchmark: ``python -m benchmarks.run_all`` (or ``python benchmarks/run_all.py``).
 
-Runs `benchmarks.bench_predict` (cost of predict_+restore_) and
-`benchmarks.bench_fidelity` (fidelity ratios of every torch.optim configuration); each
+Runs `benchmarks.bench_predict` (cost of predict_+restore_),
+`benchmarks.bench_fidelity` (fidelity ratios of every torch.optim configuration) and
+`benchmarks.bench_pipeline` (PredictiveStage overhead and pipeline throughput); each
 prints its tables and writes its JSON under ``benchmarks/results/``. The figures in
 ``docs/benchmarks.md`` come from ``python -m benchmarks.run_all`` with the defaults.
 """
@@ -12,9 +13,10 @@ import argparse
 import time
 
 try:  # python -m benchmarks.run_all
-    from benchmarks import bench_fidelity, bench_predict
+    from benchmarks import bench_fidelity, bench_pipeline, bench_predict
 except ImportError:  # python benchmarks/run_all.py
     import bench_fidelity  # type: ignore[no-redef]
+    import bench_pipeline  # type: ignore[no-redef]
     import bench_predict  # type: ignore[no-redef]
 
 
@@ -27,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads of the predict_ benchmark (0: torch's default)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--skip", choices=["predict", "fidelity"], nargs="*", default=[])
+    ap.add_argument("--skip", choices=["predict", "fidelity", "pipeline"], nargs="*", default=[])
     return ap.parse_args(argv)
 
 
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if "fidelity" not in args.skip:
         bench_fidelity.main(["--seeds", str(args.seeds)])
+        print()
+    if "pipeline" not in args.skip:
+        bench_pipeline.main([])
     print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
 
 

@@ -15,7 +15,8 @@ stream per epoch over the same shuffled samples the other methods see, momentum 
 if ``--optimizer sgd``, else the SGD default) divided by ``--microbatch-size`` (the linear
 scaling rule from the other methods' samples per update down to one). Their loss curve is the
 mean per-sample loss over each block of ``--microbatch-size x --microbatches`` samples, so it is
-on the same axis as the others' per-step losses.
+on the same axis as the others' per-step losses. ``pb-sync`` is their reference: the same
+per-sample momentum SGD without any pipeline delay (``sequential`` on the ``"PB"`` schedule).
 
 ``predictopt staleness`` prints the staleness table of a schedule and draws its timeline.
 """
@@ -44,6 +45,9 @@ DEFAULT_LR: dict[str, float] = {"sgd": 0.02, "adam": 6e-3, "adamw": 6e-3, "rmspr
 
 #: Momentum of the SGD the Pipelined Backpropagation methods (``pb*``) always run.
 PB_MOMENTUM = 0.9
+#: The reference of the ``pb*`` methods: the same per-sample momentum SGD without pipelining
+#: (``sequential`` on the ``"PB"`` schedule: no delay), the "SGD" the paper compares against.
+PB_SYNC = "pb-sync"
 
 # Chosen so that the default run (digits, 4 stages, 1F1B, AdamW) takes well under a minute on
 # one CPU core and the learning rate is high enough for staleness to matter.
@@ -107,19 +111,26 @@ def _positive_float(text: str) -> float:
 
 
 def _methods(text: str) -> list[str]:
-    from .pipeline.pb import PB_METHODS
     from .pipeline.semantics import METHODS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
-    bad = [m for m in names if m not in METHODS + PB_METHODS]
+    known = METHODS + _pb_methods()
+    bad = [m for m in names if m not in known]
     if bad:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS + PB_METHODS)}")
+            f"unknown method(s) {', '.join(bad)}; choose from {', '.join(known)}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"methods listed twice in {text!r}")
     return names
+
+
+def _pb_methods() -> tuple[str, ...]:
+    """The Pipelined Backpropagation methods ``--methods`` accepts, with the reference."""
+    from .pipeline.pb import PB_METHODS
+
+    return PB_METHODS + (PB_SYNC,)
 
 
 def _schedule(text: str) -> str:
@@ -140,7 +151,6 @@ def _schedule(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``predictopt`` argument parser."""
     from .data import DATASETS
-    from .pipeline.pb import PB_METHODS
     from .pipeline.semantics import METHODS
 
     parser = argparse.ArgumentParser(
@@ -178,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the training set (default: %(default)s)")
     c.add_argument("--methods", type=_methods, default=list(METHODS),
                    help="comma-separated methods (default: " + ",".join(METHODS) + "; also "
-                        "the Pipelined Backpropagation methods " + ",".join(PB_METHODS) + ")")
+                        "the Pipelined Backpropagation methods " + ",".join(_pb_methods())
+                        + ", pb-sync being their synchronous per-sample SGD reference)")
     c.add_argument("--hidden", type=_positive_int, default=d["hidden"],
                    help="hidden width of the MLP (default: %(default)s)")
     c.add_argument("--activation", choices=("relu", "tanh", "gelu", "silu"),
@@ -265,7 +276,7 @@ def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], pat
         color = colors[j % len(colors)]
         ax.plot(xs, curve, color=color, alpha=0.15, linewidth=0.8)
         ax.plot(xs, _smooth(curve, window), color=color, linewidth=1.8,
-                linestyle="--" if name in ("sequential", "gpipe")
+                linestyle="--" if name in ("sequential", "gpipe", PB_SYNC)
                 else ":" if name.startswith("pb") else "-",
                 label=f"{name} (test acc {r['test_accuracy']:.3f})")
     ax.set_yscale("log")
@@ -289,13 +300,13 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from tqdm import tqdm
 
     from .data import load_dataset, mlp_stages
-    from .pipeline.pb import PB_METHODS
     from .pipeline.schedules import stage_to_rank
     from .pipeline.simulator import PipelineSimulator, train
 
     torch.set_num_threads(args.threads)
     spr = len(stage_to_rank(args.schedule, 1))
-    pb_methods = [m for m in args.methods if m in PB_METHODS]
+    pb_all = _pb_methods()
+    pb_methods = [m for m in args.methods if m in pb_all]
     if args.stages % spr and len(pb_methods) < len(args.methods):
         parser.error(f"argument --stages: schedule {args.schedule} places {spr} stages per rank, "
                      f"so --stages must be a multiple of {spr} (got {args.stages})")
@@ -322,9 +333,10 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     def build(method: str) -> PipelineSimulator:
         stages = mlp_stages(ds.num_features, args.hidden, ds.num_classes, args.stages,
                             activation=args.activation, seed=args.seed)
-        if method in PB_METHODS:
-            return PipelineSimulator(stages, make_pb_opt, method=method, schedule="PB",
-                                     n_microbatches=pb_stream)
+        if method in pb_all:
+            return PipelineSimulator(stages, make_pb_opt,
+                                     method="sequential" if method == PB_SYNC else method,
+                                     schedule="PB", n_microbatches=pb_stream)
         ue = args.update_every if method in ("pipedream-2bw", "xpipe") else None
         return PipelineSimulator(stages, make_opt, method=method, schedule=args.schedule,
                                  n_microbatches=args.microbatches, update_every=ue)
@@ -366,7 +378,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         for method, sim in sims.items():
             bar.set_description(method)
             t0 = time.perf_counter()
-            if method in PB_METHODS:
+            if method in pb_all:
                 per_sample = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
                                    microbatch_size=1, seed=args.seed,
                                    progress=_ScaledProgress(bar, steps_per_epoch),
@@ -378,7 +390,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                               microbatch_size=args.microbatch_size, seed=args.seed,
                               progress=bar)
             elapsed = time.perf_counter() - t0
-            pb = method in PB_METHODS
+            pb = method in pb_all
             train_loss, _ = sim.loss_and_accuracy(ds.x_train, ds.y_train)
             test_loss, test_acc = sim.loss_and_accuracy(ds.x_test, ds.y_test)
             results[method] = {

@@ -136,7 +136,7 @@ def test_pb_one_stage_equals_per_sample_momentum_sgd():
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            ref.append(float(loss))
+            ref.append(float(loss.detach()))
     assert losses == ref
     assert_bitwise(params(sim), [p.detach() for p in model.parameters()])
 
@@ -260,7 +260,8 @@ def test_rejects_bad_configurations(kwargs, match):
 def test_compare_runs_pb_methods(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
-               "--methods", "sequential,pb,pb-sc,pb-lwp,pb-sc-lwp", "--microbatch-size", "4",
+               "--methods", "sequential,pb-sync,pb,pb-sc,pb-lwp,pb-sc-lwp",
+               "--microbatch-size", "4",
                "--microbatches", "4", "--out", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -276,6 +277,9 @@ def test_compare_runs_pb_methods(tmp_path, capsys):
         assert len(r["train_loss_curve"]) == cfg["steps_per_epoch"]
         assert r["updates_per_stage"] == cfg["pb_stream_length"]
         assert 0.0 <= r["test_accuracy"] <= 1.0
+    sync = res["pb-sync"]  # the reference: per-sample momentum SGD without delay
+    assert sync["max_staleness"] == 0 and sync["optimizer"] == "sgd"
+    assert sync["updates_per_stage"] == cfg["pb_stream_length"]
 
 
 def test_compare_pb_lr_option_and_unknown_method(tmp_path, capsys):

@@ -74,3 +74,16 @@ __all__ = [
     "pb_staleness",
     "pb_ticks",
 ]
+
+# The distributed runtime imports torch.distributed.pipelining (slow to import): load it lazily.
+_RUNTIME = ("PredictiveStage", "attach", "build_pipeline", "init_distributed", "schedule_name",
+            "DEFAULT_TIMEOUT_S")
+__all__ += list(_RUNTIME)
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME:
+        from predictopt.pipeline import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

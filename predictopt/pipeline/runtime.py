@@ -500,6 +500,7 @@ class PredictiveStage(PipelineStage):
         training = bool(self.has_backward)
         mode = "step" if training else "eval"
         sizes: dict[str, int] = {}
+        shapes: dict[str, tuple[Any, ...]] = {}
         if self.is_first:
             args = local.get("args", ())
             kwargs = local.get("kwargs", {}) or {}
@@ -515,7 +516,7 @@ class PredictiveStage(PipelineStage):
                                          f"n_microbatches ({n}): torch would split it into "
                                          "unequal micro-batches")
                     sizes.setdefault("input", b)
-                self._check_same_shapes("input", training, tuple(t.shape for t in tensors))
+                shapes["input"] = tuple(tuple(t.shape) for t in tensors)
         if self.is_last and schedule._loss_fn is not None:
             target = local.get("target")
             if not isinstance(target, Tensor):
@@ -527,19 +528,19 @@ class PredictiveStage(PipelineStage):
                 raise ValueError(f"the target's batch size ({b}) must be a positive multiple of "
                                  f"n_microbatches ({n})")
             sizes["target"] = b
-            self._check_same_shapes("target", training, (tuple(target.shape),))
+            shapes["target"] = (tuple(target.shape),)
         if "input" in sizes and "target" in sizes and sizes["input"] != sizes["target"]:
             raise ValueError(f"the batch ({sizes['input']}) and the target "
                              f"({sizes['target']}) have different batch sizes")
-
-    def _check_same_shapes(self, key: str, training: bool, shapes: Any) -> None:
-        last = self._last_shapes.get(key)
-        if last is not None and last[0] == training and last[1] != shapes:
-            raise ValueError(
-                f"the {key} shapes changed between steps ({list(last[1])} -> {list(shapes)}): "
-                "torch sizes the pipeline's receive buffers from the first step, so every step "
-                "must use the same batch size and shapes")
-        self._last_shapes[key] = (training, shapes)
+        for key, new in shapes.items():
+            last = self._last_shapes.get(key)
+            if last is not None and last[0] == training and last[1] != new:
+                raise ValueError(
+                    f"the {key} shapes changed between steps ({list(last[1])} -> {list(new)}): "
+                    "torch sizes the pipeline's receive buffers from the first step, so every "
+                    "step must use the same batch size and shapes")
+        for key, new in shapes.items():  # recorded only once the step is accepted
+            self._last_shapes[key] = (training, new)
 
     # ------------------------------------------------------------------ metadata inference
     def _prepare_forward_infra(self, num_microbatches, args, kwargs=None, has_backward=False):

@@ -1,0 +1,106 @@
+"""``PipeOptimStrategy`` for ``lightning.pytorch`` (``import lightning as L``).
+
+Importing this module registers the strategy names of
+:data:`PipeOptimStrategy.REGISTERED <lightning_plugin._core.PipeOptimStrategyMixin.REGISTERED>`
+(``"pipeoptim"``, ``"pipeoptim_spawn"``, ``"pipeoptim_zbv"``, ...) in
+``lightning.pytorch.strategies.StrategyRegistry``. The standalone ``pytorch_lightning`` package
+gets its own class, :class:`lightning_plugin._pl.PipeOptimStrategy`, registered under the same
+names in its own registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import (
+    _MultiProcessingLauncher,
+    _SubprocessScriptLauncher,
+)
+
+from ._core import PipeOptimStrategyMixin, PrecheckLauncherMixin, make_api
+
+__all__ = ["PipeOptimStrategy"]
+
+
+class _SpawnLauncher(PrecheckLauncherMixin, _MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher; checks the configuration before starting processes."""
+
+    def __init__(self, strategy: Any, start_method: str = "spawn") -> None:
+        super().__init__(strategy, start_method=start_method)
+        self._pipeoptim_strategy = strategy
+
+
+class _ScriptLauncher(PrecheckLauncherMixin, _SubprocessScriptLauncher):
+    """Lightning's subprocess-script launcher; checks the configuration before starting."""
+
+    def __init__(self, strategy: Any, cluster_environment: Any, num_processes: int,
+                 num_nodes: int) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self._pipeoptim_strategy = strategy
+
+
+class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
+    r"""Asynchronous pipeline-parallel training with weight prediction, as a Lightning strategy.
+
+    Each process (one per device) holds consecutive stages of the model that the
+    LightningModule returns from ``pipeline_stages()``, placed as the torch schedule expects,
+    and trains them with :class:`~predictopt.pipeline.runtime.PredictiveStage`: every Lightning
+    batch is one ``schedule.step()`` over ``n_microbatches`` micro-batches, during which each
+    stage runs its forwards on predicted weights (PipeOptim, or another ``method``) and steps
+    its own optimizer after every ``update_every``-th completed backward. Lightning's own
+    backward and optimizer step do nothing; its loops, callbacks, loggers and checkpoints work
+    as usual. See ``docs/lightning.md`` for the module contract.
+
+    Example::
+
+        import lightning as L
+        import lightning_plugin
+
+        trainer = L.Trainer(strategy="pipeoptim", accelerator="cpu", devices=4, max_epochs=3)
+        trainer = L.Trainer(strategy=lightning_plugin.PipeOptimStrategy(
+            schedule="ZBVZeroBubble", n_microbatches=16), accelerator="cpu", devices=2)
+
+    Args:
+        schedule: A torch schedule of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`
+            (case-insensitive): ``"1F1B"`` (default), ``"GPipe"``, ``"Interleaved1F1B"``,
+            ``"LoopedBFS"``, ``"InterleavedZeroBubble"``, ``"ZBVZeroBubble"``, ``"DualPipeV"``.
+            Single-stage schedules need one stage per device; V schedules exactly two; the
+            other multi-stage ones a multiple of the number of devices (at least twice it).
+        n_microbatches: Micro-batches per Lightning batch (the batch size must be a multiple
+            of it). Default: twice the number of stages.
+        method: ``"pipeoptim"`` (default), ``"pipedream"``, ``"pipedream-2bw"``,
+            ``"spectrain"``, ``"xpipe"`` or ``"gpipe"``.
+        update_every: Completed backwards per optimizer update (``pipedream-2bw`` / ``xpipe``
+            only; default: the method's).
+        rule: Prediction rule overriding the method's (predicting methods).
+        stages_per_rank: Stages per device for loop multi-stage schedules (default: number of
+            stages / devices).
+        timeout: Seconds (or a ``timedelta``) after which a blocked collective or transfer
+            raises instead of waiting for a peer that hangs (default 120).
+        start_method: ``"auto"`` (spawn under pytest, fork in notebooks / REPLs, otherwise
+            Lightning's subprocess-script launcher), ``"spawn"``, ``"popen"``, ``"fork"`` or
+            ``"forkserver"``.
+        check_batches: Check at every batch that all ranks read the same batch (one small
+            all-gather): stage 0's inputs must pair with the last stage's targets.
+        schedule_aware: With a predicting method and one per-update LR scheduler, predict
+            with the learning rates the scheduler will set
+            (:meth:`~predictopt.PredictiveOptimizer.attach_scheduler`).
+        accelerator: Passed to Lightning (usually set by the Trainer).
+        parallel_devices: Passed to Lightning (usually set by the Trainer).
+        cluster_environment: Passed to Lightning (usually set by the Trainer).
+        checkpoint_io: Passed to Lightning.
+        precision_plugin: Passed to Lightning; only 32-bit (``"32-true"``) is supported.
+        process_group_backend: Default ``"gloo"`` on CPU, ``"nccl"`` on CUDA.
+        **schedule_kwargs: More arguments of the torch schedule class.
+
+    Raises:
+        PipeOptimConfigError: an unknown schedule or method, or bad sizes.
+    """
+
+    _api = make_api("lightning.pytorch")
+    _spawn_launcher_cls = _SpawnLauncher
+    _script_launcher_cls = _ScriptLauncher
+
+
+PipeOptimStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,437 @@
+"""Tests for predictopt.pipeline.runtime: PredictiveStage under torch's native schedules.
+
+The central test trains every native schedule on 2 and 4 gloo/CPU ranks (one process-group
+launch per world size, each rank looping over the configurations) and requires the final
+weights and the per-micro-batch losses to equal the single-process PipelineSimulator's exactly.
+The other tests run in this process on a one-rank group (misconfigurations, discovery,
+single-rank equivalence) or launch 2 ranks for checkpoints and faults.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import _dist  # noqa: E402
+from _dist import OPTIMIZERS, make_batches, make_native, make_stages  # noqa: E402
+
+from predictopt.pipeline import SUPPORTED_SCHEDULES, PipelineSimulator  # noqa: E402
+
+pytest.importorskip("torch.distributed.pipelining")
+runtime = pytest.importorskip("predictopt.pipeline.runtime")
+PredictiveStage = runtime.PredictiveStage
+
+torch.set_num_threads(1)
+
+ALL = list(SUPPORTED_SCHEDULES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The central test: 2 and 4 ranks, every schedule, Adam / AdamW / SGD-momentum, several methods
+# ---------------------------------------------------------------------------------------------
+
+
+def equivalence_configs(world_size: int) -> list[dict]:
+    n, steps = (4, 3) if world_size == 2 else (8, 2)
+    cfgs = []
+    for s in ALL:
+        for opt in ("adam", "adamw", "sgdm"):
+            cfg = {"schedule": s, "method": "pipeoptim", "opt": opt, "n": n, "steps": steps}
+            # vary how the user builds it: the builder, an explicit attach, plain torch code
+            cfg["builder"] = opt == "adam"
+            cfg["attach"] = opt == "sgdm" and s in ("1F1B", "ZBVZeroBubble")
+            cfg["scale_grads"] = opt == "adamw" and s in ("GPipe", "InterleavedZeroBubble")
+            cfgs.append(cfg)
+    pipedream = ALL if world_size == 2 else ["1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+    cfgs += [{"schedule": s, "method": "pipedream", "opt": "adamw", "n": n, "steps": steps}
+             for s in pipedream]
+    others = [("gpipe", "1F1B", "adam", None), ("gpipe", "DualPipeV", "sgdm", None),
+              ("spectrain", "Interleaved1F1B", "sgdm", None), ("spectrain", "1F1B", "adam", None),
+              ("xpipe", "1F1B", "adam", None), ("xpipe", "ZBVZeroBubble", "adamw", None),
+              ("pipedream-2bw", "1F1B", "sgdm", None), ("pipedream-2bw", "LoopedBFS", "adamw",
+                                                         None)]
+    if world_size == 2:
+        others += [("xpipe", "InterleavedZeroBubble", "adam", 2),
+                   ("pipedream-2bw", "GPipe", "adam", 4)]
+    cfgs += [{"schedule": s, "method": m, "opt": o, "n": n, "steps": steps, "update_every": u}
+             for m, s, o, u in others]
+    return cfgs
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distributed_matches_simulator_bit_for_bit(world_size: int) -> None:
+    configs = equivalence_configs(world_size)
+    t0 = time.perf_counter()
+    results = _dist.launch(_dist.equivalence_worker, world_size, configs, world_size == 2,
+                           timeout=240.0, pg_timeout=60.0)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    per_rank = [res["value"] for res in results]
+    bad = _dist.check_against_simulator(world_size, configs, per_rank)
+    for v in per_rank:
+        bad += v["bad"]
+    assert not bad, "\n".join(bad[:20])
+    if world_size == 2:  # the V-placement checks ran on every rank before any communication
+        for r, v in enumerate(per_rank):
+            assert len(v["misconfig"]) == 2
+            for msg in v["misconfig"]:
+                assert msg.startswith("ValueError") and "V placement" in msg, msg
+                assert f"on rank {r} of 2" in msg
+    print(f"\n{world_size} ranks: {len(configs)} configurations in "
+          f"{time.perf_counter() - t0:.1f} s (incl. start-up)")
+
+
+def test_equivalence_matrix_covers_the_brief() -> None:
+    for ws in (2, 4):
+        cfgs = equivalence_configs(ws)
+        po = {(c["schedule"], c["opt"]) for c in cfgs if c["method"] == "pipeoptim"}
+        assert po == {(s, o) for s in ALL for o in ("adam", "adamw", "sgdm")}
+        methods = {c["method"] for c in cfgs}
+        assert {"pipeoptim", "pipedream", "gpipe", "spectrain", "xpipe",
+                "pipedream-2bw"} <= methods
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_dead_rank_makes_the_others_fail_fast() -> None:
+    results = _dist.launch(_dist.fault_worker, 2, "kill", timeout=90.0, pg_timeout=30.0)
+    assert results[1]["exitcode"] == 17
+    survivor = results[0]
+    assert survivor["ok"], survivor.get("error")
+    raised, seconds = survivor["value"]["raised"], survivor["value"]["seconds"]
+    assert raised is not None and "RuntimeError" in raised
+    assert seconds < 25.0  # well under the 30 s timeout: the closed socket is seen at once
+
+
+@pytest.mark.timeout(120)
+def test_hung_rank_makes_the_others_fail_within_the_timeout() -> None:
+    t0 = time.perf_counter()
+    results = _dist.launch(_dist.fault_worker, 2, "hang", timeout=90.0, pg_timeout=4.0,
+                           wait_for=[0])
+    survivor = results[0]
+    assert survivor["ok"], survivor.get("error")
+    raised, seconds = survivor["value"]["raised"], survivor["value"]["seconds"]
+    assert raised is not None and "RuntimeError" in raised
+    assert "Timed out" in raised or "timeout" in raised.lower()
+    assert 3.0 < seconds < 30.0
+    assert time.perf_counter() - t0 < 80.0  # the hung rank was killed, nothing waited for it
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process tests on a one-rank group
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    if dist.is_initialized():
+        pytest.skip("a process group exists already in this process")
+    path = os.path.join(tempfile.mkdtemp(prefix="predictopt_pg1_"), "store")
+    dist.init_process_group("gloo", store=dist.FileStore(path, 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _stages(schedule: str, method: str = "pipeoptim", opt: str = "adamw", seed: int = 1,
+            modules=None, **kw):
+    if modules is None:
+        modules = make_stages(_dist.spr_of(schedule), seed)
+    return _dist.local_stages(0, 1, schedule, modules, method, opt, **kw)
+
+
+def _step(sched, x, y, losses=None):
+    return sched.step(x, target=y, losses=losses if losses is not None else [])
+
+
+@pytest.mark.parametrize("schedule", ALL)
+def test_one_rank_matches_simulator(one_rank, schedule: str) -> None:
+    stages = _stages(schedule)
+    sched = make_native(stages, schedule, 4)
+    batches = make_batches(4, 3, seed=3)
+    losses = _dist.run_steps(stages, sched, batches)
+    ref, ref_losses, _ = _dist.simulate(schedule, 1, "pipeoptim", "adamw", 4, batches)
+    assert _dist.compare(schedule, stages, losses, ref, ref_losses) == []
+    info = stages[0].schedule_info
+    assert info[0] == schedule and info[1] == 1 and info[3] == 4
+    assert stages[0].schedule is sched
+
+
+def test_user_subclass_of_a_native_schedule_is_discovered(one_rank) -> None:
+    from torch.distributed.pipelining import Schedule1F1B
+
+    class MySchedule(Schedule1F1B):
+        def step(self, *args, **kwargs):
+            return super().step(*args, **kwargs)
+
+    stages = _stages("1F1B")
+    sched = MySchedule(stages[0], 4, loss_fn=F.cross_entropy)
+    batches = make_batches(4, 2)
+    losses = _dist.run_steps(stages, sched, batches)
+    ref, ref_losses, _ = _dist.simulate("1F1B", 1, "pipeoptim", "adamw", 4, batches)
+    assert _dist.compare("sub", stages, losses, ref, ref_losses) == []
+    assert runtime.schedule_name(sched) == "1F1B"
+
+
+def test_build_pipeline_returns_native_schedule(one_rank) -> None:
+    from torch.distributed.pipelining import ScheduleZBVZeroBubble
+
+    stages, sched = runtime.build_pipeline(
+        make_stages(2), "zbvzerobubble", n_microbatches=4, make_optimizer=OPTIMIZERS["adam"],
+        method="pipedream", loss_fn=F.cross_entropy)
+    assert type(sched) is ScheduleZBVZeroBubble
+    assert [s.stage_index for s in stages] == [0, 1]
+    assert all(isinstance(s, PredictiveStage) and s.worker is not None for s in stages)
+    assert sched.scale_grads is False
+    batches = make_batches(4, 2)
+    losses = _dist.run_steps(stages, sched, batches)
+    ref, ref_losses, _ = _dist.simulate("ZBVZeroBubble", 1, "pipedream", "adam", 4, batches)
+    assert _dist.compare("builder", stages, losses, ref, ref_losses) == []
+    with pytest.raises(ValueError, match="needs 2 stage modules"):
+        runtime.build_pipeline(make_stages(3), "ZBVZeroBubble", n_microbatches=4,
+                               make_optimizer=OPTIMIZERS["adam"], loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="world_size=2"):
+        runtime.build_pipeline(make_stages(2), "1F1B", world_size=2, n_microbatches=4,
+                               make_optimizer=OPTIMIZERS["adam"], loss_fn=F.cross_entropy)
+
+
+def test_update_every_for_xpipe_and_gpipe(one_rank) -> None:
+    # gpipe: one update per step (u = n); xpipe with T = 2 micro-batches per update
+    for method, u, schedule in (("gpipe", None, "InterleavedZeroBubble"),
+                                ("xpipe", 2, "DualPipeV"), ("pipedream-2bw", 2, "LoopedBFS")):
+        stages = _stages(schedule, method=method, opt="adam", update_every=u)
+        sched = make_native(stages, schedule, 4)
+        batches = make_batches(4, 2, seed=5)
+        losses = _dist.run_steps(stages, sched, batches)
+        ref, ref_losses, _ = _dist.simulate(schedule, 1, method, "adam", 4, batches, u)
+        assert _dist.compare(method, stages, losses, ref, ref_losses) == []
+        expected_updates = 2 * 4 // (u or 4)
+        assert all(s.worker.num_updates == expected_updates for s in stages)
+
+
+def test_scale_grads_true_is_harmless(one_rank) -> None:
+    batches = make_batches(4, 2)
+    out = []
+    for scale in (True, False):
+        stages = _stages("InterleavedZeroBubble", method="xpipe", opt="sgdm", update_every=2)
+        sched = make_native(stages, "InterleavedZeroBubble", 4, scale_grads=scale)
+        out.append((_dist.run_steps(stages, sched, batches),
+                    [p.detach().clone() for s in stages for p in s.submod.parameters()]))
+    assert all(torch.equal(a, b) for a, b in zip(out[0][0], out[1][0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
+
+
+def test_eval_uses_real_weights_and_does_not_train(one_rank) -> None:
+    stages = _stages("1F1B")
+    sched = make_native(stages, "1F1B", 4)
+    x, y = make_batches(4, 1)[0]
+    _step(sched, x, y)
+    before = [p.detach().clone() for p in stages[0].submod.parameters()]
+    updates = stages[0].worker.num_updates
+    with torch.no_grad():
+        out = sched.eval(x, target=y)
+    with torch.no_grad():
+        want = torch.cat([stages[0].submod(xi) for xi in x.split(_dist.MB)])
+    assert torch.equal(out, want)
+    assert stages[0].worker.num_updates == updates
+    assert all(torch.equal(a, p) for a, p in zip(before, stages[0].submod.parameters()))
+    _step(sched, x, y)  # training continues after the eval (torch re-infers shapes)
+    assert stages[0].worker.num_updates == updates + 4
+
+
+def test_checkpoint_resume_bit_for_bit_one_rank(one_rank) -> None:
+    batches = make_batches(4, 3, seed=11)
+    for method, schedule in (("pipeoptim", "DualPipeV"), ("pipedream-2bw", "1F1B")):
+        ref_stages = _stages(schedule, method=method, opt="adamw", update_every=None)
+        ref_losses = _dist.run_steps(ref_stages, make_native(ref_stages, schedule, 4), batches)
+        stages = _stages(schedule, method=method, opt="adamw")
+        losses = _dist.run_steps(stages, make_native(stages, schedule, 4), batches[:2])
+        saved = [_dist._save_load(s.state_dict()) for s in stages]
+        fresh = _stages(schedule, method=method, opt="adamw", seed=5)
+        for s, sd in zip(fresh, saved, strict=True):
+            s.load_state_dict(sd)  # before the stage knows its schedule
+        losses += _dist.run_steps(fresh, make_native(fresh, schedule, 4), batches[2:])
+        assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses, strict=True))
+        for a, b in zip(fresh, ref_stages, strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(a.submod.parameters(),
+                                                         b.submod.parameters(), strict=True))
+    with pytest.raises(ValueError, match="method"):
+        _stages("1F1B", method="pipedream")[0].load_state_dict(saved[0])
+
+
+# ------------------------------------------------------------------ misconfigurations
+
+
+def _work_done(stages) -> int:
+    return sum(s.worker.num_forwards for s in stages if s.worker is not None)
+
+
+def test_batch_not_divisible_fails_before_any_work(one_rank) -> None:
+    stages = _stages("1F1B")
+    sched = make_native(stages, "1F1B", 4)
+    x, y = torch.randn(10, _dist.IN), torch.randint(0, _dist.OUT, (10,))
+    with pytest.raises(ValueError, match="multiple of n_microbatches"):
+        _step(sched, x, y)
+    assert _work_done(stages) == 0
+    with pytest.raises(ValueError, match="different batch sizes"):
+        _step(sched, torch.randn(8, _dist.IN), torch.randint(0, _dist.OUT, (12,)))
+    assert _work_done(stages) == 0
+
+
+def test_batch_size_change_between_steps_fails_before_any_work(one_rank) -> None:
+    stages = _stages("ZBVZeroBubble")
+    sched = make_native(stages, "ZBVZeroBubble", 4)
+    x, y = make_batches(4, 1)[0]
+    _step(sched, x, y)
+    done = _work_done(stages)
+    x2, y2 = torch.randn(12, _dist.IN), torch.randint(0, _dist.OUT, (12,))
+    with pytest.raises(ValueError, match="shapes changed between steps"):
+        _step(sched, x2, y2)
+    assert _work_done(stages) == done
+
+
+def test_missing_target_on_last_stage_fails_before_any_work(one_rank) -> None:
+    stages = _stages("1F1B")
+    sched = make_native(stages, "1F1B", 4)
+    x, _ = make_batches(4, 1)[0]
+    with pytest.raises(ValueError, match="must pass target"):
+        sched.step(x)
+    with pytest.raises(ValueError, match="must pass target"), torch.no_grad():
+        sched.eval(x)
+    assert _work_done(stages) == 0
+
+
+def test_missing_batch_on_first_stage(one_rank) -> None:
+    stages = _stages("GPipe")
+    sched = make_native(stages, "GPipe", 4)
+    with pytest.raises(ValueError, match="must pass the batch"):
+        sched.step(target=torch.zeros(8, dtype=torch.long))
+
+
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(_dist.IN, _dist.OUT)
+
+    def forward(self, x):
+        return {"logits": self.lin(x)}
+
+
+def test_stage_output_must_be_tensors(one_rank) -> None:
+    m = DictOut()
+    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=OPTIMIZERS["adam"](m.parameters()))
+    sched = make_native([stage], "1F1B", 4)
+    x, y = make_batches(4, 1)[0]
+    with pytest.raises(Exception, match="Tensor or a tuple of Tensors") as info:
+        _step(sched, x, y)
+    assert "stage 0" in str(info.value)
+    assert stage.worker.num_forwards == 0
+
+
+def test_schedule_missing_from_installed_torch(one_rank, monkeypatch) -> None:
+    import torch.distributed.pipelining.schedules as S
+
+    real = S.get_schedule_class
+
+    def fake(name):
+        if name.lower() == "dualpipev":
+            raise ValueError("unknown")
+        return real(name)
+
+    monkeypatch.setattr(S, "get_schedule_class", fake)
+    monkeypatch.delattr(S, "ScheduleDualPipeV")
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.8.*installed torch is"):
+        runtime.build_pipeline(make_stages(2), "DualPipeV", n_microbatches=4,
+                               make_optimizer=OPTIMIZERS["adam"], loss_fn=F.cross_entropy)
+
+
+def test_stage_without_schedule_and_unknown_schedules(one_rank) -> None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    stage = _stages("1F1B")[0]
+    stage.has_backward = True  # driven by hand for training, no schedule
+    with pytest.raises(RuntimeError, match="attach"):
+        stage.forward_one_chunk(0, (torch.randn(2, _dist.IN),))
+    with pytest.raises(TypeError, match="torch.distributed.pipelining schedule"):
+        runtime.attach(object())
+
+    class Custom(_PipelineScheduleRuntime):
+        pass
+
+    custom = Custom([stage], 4, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="cannot run under Custom"):
+        runtime.attach(custom)
+    plain = PipelineStage(nn.Linear(_dist.IN, _dist.OUT), 0, 1, torch.device("cpu"))
+    with pytest.raises(TypeError, match="every stage of this rank must be a PredictiveStage"):
+        runtime.attach(Schedule1F1B(plain, 4, loss_fn=F.cross_entropy))
+
+
+def test_constructor_and_attach_errors(one_rank) -> None:
+    m = nn.Linear(_dist.IN, _dist.OUT)
+    opt = OPTIMIZERS["adam"](m.parameters())
+    with pytest.raises(ValueError, match="sequential"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="sequential")
+    with pytest.raises(ValueError, match="method must be one of"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="bogus")
+    with pytest.raises(TypeError, match="optimizer"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=None)
+    with pytest.raises(ValueError, match="update_every"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=0)
+    with pytest.raises(ValueError, match="dw_builder"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, dw_builder=lambda: None)
+    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=2)
+    with pytest.raises(ValueError, match="update_every must be 1 for method 'pipeoptim'"):
+        runtime.attach(make_native([stage], "1F1B", 4))
+    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="xpipe", update_every=3)
+    with pytest.raises(ValueError, match="must divide"):
+        runtime.attach(make_native([stage], "GPipe", 4))
+    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, horizons=[1, 1])
+    with pytest.raises(ValueError, match="horizons"):
+        runtime.attach(make_native([stage], "GPipe", 4))
+
+
+def test_init_distributed_arguments(monkeypatch) -> None:
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="timeout"):
+        runtime.init_distributed(timeout=0)
+    with pytest.raises(ValueError, match="RANK, WORLD_SIZE"):
+        runtime.init_distributed()
+
+
+def test_shape_inference_leaves_buffers_alone(one_rank) -> None:
+    # torch's shape inference runs the module once more (on placeholders for inner stages):
+    # BatchNorm statistics must still match the simulator, which has no such pass.
+    def modules():
+        torch.manual_seed(0)
+        return [nn.Sequential(nn.Linear(_dist.IN, _dist.HID), nn.BatchNorm1d(_dist.HID)),
+                nn.Sequential(nn.ReLU(), nn.Linear(_dist.HID, _dist.OUT))]
+
+    batches = make_batches(4, 2)
+    mods = modules()
+    stages = _dist.local_stages(0, 1, "ZBVZeroBubble", mods, "pipeoptim", "adam")
+    losses = _dist.run_steps(stages, make_native(stages, "ZBVZeroBubble", 4), batches)
+    ref = modules()
+    sim = PipelineSimulator(ref, OPTIMIZERS["adam"], method="pipeoptim",
+                            schedule="ZBVZeroBubble", n_microbatches=4, loss_fn=F.cross_entropy)
+    ref_losses = [v for x, y in batches for v in sim.step(x, y)]
+    assert torch.equal(torch.stack(losses), torch.tensor(ref_losses))
+    for a, b in zip(mods, ref, strict=True):
+        for (name, t), u in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(t, u), name
