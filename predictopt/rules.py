@@ -157,13 +157,7 @@ class ObservedUpdateRule(PredictionRule):
         return True
 
     def directions(self, group, params, states) -> Directions:
-        ps, ds = [], []
-        for p, st in zip(params, states):
-            d = st.get(OBSERVED_KEY)
-            if d is not None:
-                ps.append(p)
-                ds.append(d)
-        return ps, ds
+        return state_tensors(params, states, OBSERVED_KEY)
 
     @torch.no_grad()
     def record(self, group: dict[str, Any], params: list[Tensor], states: list[dict],
@@ -238,13 +232,18 @@ class SGDRule(ObservedUpdateRule):
     def directions(self, group, params, states):
         if self.observes(group):
             return super().directions(group, params, states)
-        ps, ds = [], []
-        for p, st in zip(params, states):
-            buf = st.get("momentum_buffer")
-            if buf is not None:
-                ps.append(p)
-                ds.append(buf)
-        return ps, ds
+        return state_tensors(params, states, "momentum_buffer")
+
+
+def state_tensors(params: list[Tensor], states: list[dict], key: str) -> Directions:
+    """The parameters whose state holds a tensor under ``key``, and those tensors."""
+    ps, ts = [], []
+    for p, st in zip(params, states):
+        t = st.get(key)
+        if t is not None:
+            ps.append(p)
+            ts.append(t)
+    return ps, ts
 
 
 def _adam_state(group, params, states, second: str) -> tuple[list, list, list, list]:

@@ -108,6 +108,7 @@ from ..rules import (
     available_rules,
     get_rule,
     register_rule,
+    state_tensors,
 )
 
 __all__ = [
@@ -211,12 +212,7 @@ class FirstMomentRule(PredictionRule):
             if ps:
                 ds = torch._foreach_div(ds, bc1)
             return ps, ds
-        for p, st in zip(params, states):
-            buf = st.get("momentum_buffer")
-            if buf is not None:
-                ps.append(p)
-                ds.append(buf)
-        return ps, ds
+        return state_tensors(params, states, "momentum_buffer")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fallback={self.fallback!r})"
