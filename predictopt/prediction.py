@@ -87,7 +87,7 @@ def plan(optimizer: Optimizer, rule: PredictionRule, steps: int,
     if steps == 0:
         return out
     for gi, group in enumerate(optimizer.param_groups):
-        params = [p for p in group["params"]]
+        params = group["params"]
         group_lrs = lrs[gi] if lrs is not None else [_value(group["lr"])] * steps
         a, c = coefficients(group_lrs, rule.decoupled_decay(group))
         if scales is not None:

@@ -246,15 +246,20 @@ def state_tensors(params: list[Tensor], states: list[dict], key: str) -> Directi
     return ps, ts
 
 
-def _adam_state(group, params, states, second: str) -> tuple[list, list, list, list]:
-    ps, m, v, steps = [], [], [], []
+def _adam_state(group, params, states, second: str, scalar: str | None = None
+                ) -> tuple[list, list, list, list, list]:
+    """Parameters with an Adam-style state: ``(ps, exp_avg, state[second], steps, scalars)``,
+    where ``scalars`` holds ``state[scalar]`` as floats (empty when ``scalar`` is None)."""
+    ps, m, v, steps, scalars = [], [], [], [], []
     for p, st in zip(params, states):
         if "exp_avg" in st and _value(st["step"]) > 0:
             ps.append(p)
             m.append(st["exp_avg"])
             v.append(st[second])
             steps.append(_value(st["step"]))
-    return ps, m, v, steps
+            if scalar is not None:
+                scalars.append(_value(st[scalar]))
+    return ps, m, v, steps, scalars
 
 
 def _adam_denominators(v: list[Tensor], bc2_sqrt: list[float], eps: float) -> list[Tensor]:
@@ -286,7 +291,7 @@ class AdamRule(PredictionRule):
 
     def directions(self, group, params, states):
         second = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-        ps, m, v, steps = _adam_state(group, params, states, second)
+        ps, m, v, steps, _ = _adam_state(group, params, states, second)
         if not ps:
             return ps, []
         beta1, beta2 = (_value(b) for b in group["betas"])
@@ -303,7 +308,7 @@ class AdamaxRule(PredictionRule):
     name = "adamax"
 
     def directions(self, group, params, states):
-        ps, m, u, steps = _adam_state(group, params, states, "exp_inf")
+        ps, m, u, steps, _ = _adam_state(group, params, states, "exp_inf")
         if not ps:
             return ps, []
         beta1 = _value(group["betas"][0])
@@ -324,13 +329,12 @@ class NAdamRule(AdamRule):
     name = "nadam"
 
     def directions(self, group, params, states):
-        ps, m, v, steps = _adam_state(group, params, states, "exp_avg_sq")
+        ps, m, v, steps, mu_prods = _adam_state(group, params, states, "exp_avg_sq",
+                                                "mu_product")
         if not ps:
             return ps, []
         beta1, beta2 = (_value(b) for b in group["betas"])
         psi = _value(group.get("momentum_decay", 4e-3))
-        mu_prods = [_value(st["mu_product"]) for st in states
-                    if "exp_avg" in st and _value(st["step"]) > 0]
         coef = []
         for t, prod in zip(steps, mu_prods):
             mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
@@ -353,7 +357,7 @@ class RAdamRule(AdamRule):
     name = "radam"
 
     def directions(self, group, params, states):
-        ps, m, v, steps = _adam_state(group, params, states, "exp_avg_sq")
+        ps, m, v, steps, _ = _adam_state(group, params, states, "exp_avg_sq")
         if not ps:
             return ps, []
         beta1, beta2 = (_value(b) for b in group["betas"])
