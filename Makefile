@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup compare test lint docs bench
+.PHONY: setup compare test explore lint docs bench
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ compare: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Fresh random hypothesis examples, PREDICTOPT_EXPLORE times as many (tests/conftest.py).
+explore: setup
+	HYPOTHESIS_PROFILE=explore PREDICTOPT_EXPLORE=$${PREDICTOPT_EXPLORE:-10} $(PY) -m pytest -q \
+		tests/test_rules_properties.py tests/test_staleness.py tests/test_lr_scheduler.py \
+		tests/test_simulator.py tests/test_spike.py tests/test_schedule_aware.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

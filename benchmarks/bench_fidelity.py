@@ -15,7 +15,6 @@ Run: ``python benchmarks/bench_fidelity.py [--seeds 3] [--updates 300]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -29,9 +28,9 @@ from predictopt.fidelity import fidelity_ratios
 from predictopt.rules import get_rule
 
 try:  # python -m benchmarks.bench_fidelity / benchmarks.run_all
-    from benchmarks.bench_predict import machine_info, machine_line
+    from benchmarks.bench_predict import machine_info, machine_line, write_report
 except ImportError:  # python benchmarks/bench_fidelity.py
-    from bench_predict import machine_info, machine_line  # type: ignore[no-redef]
+    from bench_predict import machine_info, machine_line, write_report  # type: ignore[no-redef]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 O = torch.optim
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nratio >= 1 for some seed: " + (", ".join(bad) if bad else "none"))
     report = {"machine": info, "config": {"seeds": seeds, "steps": list(steps),
                                           "updates": args.updates}, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

@@ -6,8 +6,9 @@ Two measurements, each on gloo/CPU processes spawned by this script (one torch t
   micro-batch of a plain torch ``PipelineStage`` (``optimizer.step()`` once per
   ``schedule.step()``, the torch way) against ``PredictiveStage`` with ``gpipe`` (one update
   per step through the stage's worker), ``pipedream`` (an update after every micro-batch,
-  weight stashing) and ``pipeoptim`` (an update after every micro-batch and a predicted
-  forward). Reported as wall time and as CPU time (``time.process_time`` of both ranks,
+  weight stashing), ``pipeoptim`` (an update after every micro-batch and a predicted
+  forward) and ``pipeoptim-lean`` (the same, backward on the current weights). Reported as
+  wall time and as CPU time (``time.process_time`` of both ranks,
   which other processes on the machine barely affect). Ratios are against the plain stage
   measured in the same run.
 * **throughput** (``p`` = 2 and 4 ranks vs 1 process): the same model of ``L`` blocks cut into
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()
 
     # ---- overhead, 2 ranks
-    variants = ["plain", "gpipe", "pipedream", "pipeoptim"]
+    variants = ["plain", "gpipe", "pipedream", "pipeoptim", "pipeoptim-lean"]
     per_rank = launch(_variants_worker, 2, variants=variants, rounds=args.repeats, **common)
     base = _summarise(per_rank, "plain")[0]
     overhead = []

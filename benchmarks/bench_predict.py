@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -239,12 +240,24 @@ def _peak_bytes_cpu(fn: Callable[[], object]) -> tuple[int | None, int | None]:
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:  # private profiler API; the figure is optional
         return None, None
+    return allocator_peak(events)
+
+
+def allocator_peak(events: list[Any]) -> tuple[int, int]:
+    """(peak, net) of the running sum of the CPU allocator's memory events, in time order."""
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         if str(e.device_type()).endswith("CPU"):
             cur += e.nbytes()
             peak = max(peak, cur)
     return peak, cur
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report to ``out`` (creating its folder) and say so."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def _peak_bytes_cuda(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
@@ -449,10 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(memory_table(results))
     report = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()},
               "results": results}
-    out = args.out or RESULTS / f"predict_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    print()
+    write_report(args.out or RESULTS / f"predict_{args.device}.json", report)
     return report
 
 

@@ -2,7 +2,8 @@
 
 Runs `benchmarks.bench_predict` (cost of predict_+restore_),
 `benchmarks.bench_fidelity` (fidelity ratios of every torch.optim configuration) and
-`benchmarks.bench_pipeline` (PredictiveStage overhead and pipeline throughput); each
+`benchmarks.bench_pipeline` (PredictiveStage overhead and pipeline throughput) and
+`benchmarks.bench_memory` (peak extra memory of every pipeline method); each
 prints its tables and writes its JSON under ``benchmarks/results/``. The figures in
 ``docs/benchmarks.md`` come from ``python -m benchmarks.run_all`` with the defaults.
 """
@@ -13,9 +14,10 @@ import argparse
 import time
 
 try:  # python -m benchmarks.run_all
-    from benchmarks import bench_fidelity, bench_pipeline, bench_predict
+    from benchmarks import bench_fidelity, bench_memory, bench_pipeline, bench_predict
 except ImportError:  # python benchmarks/run_all.py
     import bench_fidelity  # type: ignore[no-redef]
+    import bench_memory  # type: ignore[no-redef]
     import bench_pipeline  # type: ignore[no-redef]
     import bench_predict  # type: ignore[no-redef]
 
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads of the predict_ benchmark (0: torch's default)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--skip", choices=["predict", "fidelity", "pipeline"], nargs="*", default=[])
+    ap.add_argument("--skip", choices=["predict", "fidelity", "pipeline", "memory"], nargs="*",
+                    default=[])
     return ap.parse_args(argv)
 
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if "pipeline" not in args.skip:
         bench_pipeline.main([])
+        print()
+    if "memory" not in args.skip:
+        bench_memory.main([])
     print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
 
 

@@ -18,6 +18,17 @@ mean per-sample loss over each block of ``--microbatch-size x --microbatches`` s
 on the same axis as the others' per-step losses. ``pb-sync`` is their reference: the same
 per-sample momentum SGD without any pipeline delay (``sequential`` on the ``"PB"`` schedule).
 
+``--seeds N`` repeats every method for the seeds ``--seed``, ``--seed + 1``, ...,
+``--seed + N - 1`` (each one changing the split, the initialisation and the shuffling as
+``--seed`` does). The table then shows the mean and the sample standard deviation across seeds
+of the final training loss and test accuracy (time: mean per seed), ``curves.png`` the mean
+curve of each method with a band from the smallest to the largest seed's (smoothed) curve, and
+``results.json`` adds, per method, ``seeds``, ``per_seed`` (the result of each seed, as a
+single-seed run writes it) and ``<key>_mean`` / ``<key>_std`` for ``final_train_loss``,
+``test_accuracy``, ``test_loss`` and ``time_s``; the method's own ``final_train_loss``,
+``test_accuracy``, ``test_loss``, ``time_s`` and ``train_loss_curve`` are then the means across
+seeds. The config records ``seeds`` (also for one seed).
+
 ``predictopt staleness`` prints the staleness table of a schedule and draws its timeline.
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +65,11 @@ PB_SYNC = "pb-sync"
 # one CPU core and the learning rate is high enough for staleness to matter.
 _DEFAULTS = {"dataset": "digits", "stages": 4, "schedule": "1F1B", "optimizer": "adamw",
              "microbatch_size": 32, "microbatches": 8, "epochs": 10, "hidden": 64,
-             "activation": "tanh", "seed": 0}
+             "activation": "tanh", "seed": 0, "seeds": 1}
+
+#: Per-seed result fields that ``--seeds N`` (N > 1) averages, adding ``<key>_mean`` and
+#: ``<key>_std`` (sample standard deviation) per method.
+_SEED_STATS: tuple[str, ...] = ("final_train_loss", "test_accuracy", "test_loss", "time_s")
 
 
 def make_optimizer_factory(name: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
@@ -202,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "divided by the micro-batch size: --lr with --optimizer sgd, else "
                         f"{DEFAULT_LR['sgd']:g})")
     c.add_argument("--seed", type=_nonneg_int, default=d["seed"],
-                   help="seed of the split, the initialisation and the shuffling "
+                   help="seed of the split, the initialisation and the shuffling; the first "
+                        "seed with --seeds (default: %(default)s)")
+    c.add_argument("--seeds", type=_positive_int, default=d["seeds"],
+                   help="number of seeds: run every method with --seed, --seed+1, ..., "
+                        "--seed+N-1 and report mean and sample standard deviation "
                         "(default: %(default)s)")
     c.add_argument("--threads", type=_positive_int, default=1,
                    help="torch intra-op threads (default: %(default)s; the models are tiny)")
@@ -260,6 +280,16 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 
 def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    """Draw every method's training-loss curve into ``path``.
+
+    A method with ``per_seed`` results (``--seeds`` > 1) is drawn as its mean curve with a band
+    from the smallest to the largest of its seeds' smoothed curves.
+
+    Args:
+        results: Per method, its ``results.json`` entry.
+        config: The run's ``results.json`` config.
+        path: The PNG to write (its folder is created).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -274,18 +304,33 @@ def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], pat
         xs = [(i + 1) / config["steps_per_epoch"] for i in range(len(curve))]
         color = colors[j % len(colors)]
         ax.plot(xs, curve, color=color, alpha=0.15, linewidth=0.8)
+        runs = r.get("per_seed")
+        if runs:
+            smoothed = [_smooth(run["train_loss_curve"], window) for run in runs]
+            ax.fill_between(xs, [min(v) for v in zip(*smoothed)],
+                            [max(v) for v in zip(*smoothed)], color=color, alpha=0.2,
+                            linewidth=0)
+            label = (f"{name} (test acc {r['test_accuracy_mean']:.3f} "
+                     f"± {r['test_accuracy_std']:.3f})")
+        else:
+            label = f"{name} (test acc {r['test_accuracy']:.3f})"
         ax.plot(xs, _smooth(curve, window), color=color, linewidth=1.8,
                 linestyle="--" if name in ("sequential", "gpipe", PB_SYNC)
                 else ":" if name.startswith("pb") else "-",
-                label=f"{name} (test acc {r['test_accuracy']:.3f})")
+                label=label)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"training loss per step (moving average over {window} steps)")
+    seeds = config.get("seeds", [config["seed"]])
+    multi = len(seeds) > 1
+    ax.set_ylabel(f"training loss per step ({'mean over seeds, ' if multi else ''}"
+                  f"moving average over {window} steps)")
     ax.set_title(
         f"{config['dataset']}: {config['stages']}-stage {config['activation']} MLP, "
         f"{config['schedule']} ({config['num_ranks']} ranks), "
         f"{config['optimizer']} lr {config['lr']:g}, "
         f"{config['microbatches']}x{config['microbatch_size']} per step"
+        + (f"\n{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}): mean curve, band from the lowest "
+           "to the highest seed" if multi else "")
         + (f"\npb*: every layer a stage, 1 sample per update, sgd (momentum {PB_MOMENTUM:g}) "
            f"lr {config['pb_lr']:g}" if config.get("pb_methods") else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -293,6 +338,45 @@ def _plot_curves(results: dict[str, dict[str, Any]], config: dict[str, Any], pat
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _aggregate_seeds(seeds: Sequence[int], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One method's ``results.json`` entry from its per-seed results.
+
+    Args:
+        seeds: The seeds, in the order of ``runs``.
+        runs: Per seed, the method's result dict.
+
+    Returns:
+        ``runs[0]`` itself for one seed. Otherwise the first seed's seed-independent fields
+        (staleness, optimizer, ...), the means across seeds of :data:`_SEED_STATS` and of
+        ``train_loss_curve`` (step by step) under their own keys, ``<key>_mean`` and
+        ``<key>_std`` (sample standard deviation) for each key of :data:`_SEED_STATS`,
+        ``seeds`` and ``per_seed`` (``runs``).
+    """
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    stats: dict[str, float] = {}
+    for key in _SEED_STATS:
+        values = [float(r[key]) for r in runs]
+        mean = statistics.mean(values)
+        out[key] = mean
+        stats[f"{key}_mean"] = mean
+        stats[f"{key}_std"] = statistics.stdev(values)
+    out["train_loss_curve"] = [statistics.mean(v)
+                               for v in zip(*(r["train_loss_curve"] for r in runs))]
+    out.update(stats)
+    out["seeds"] = list(seeds)
+    out["per_seed"] = list(runs)
+    return out
+
+
+def _mean_std(r: dict[str, Any], key: str, fmt: str) -> str:
+    """``r[key]`` formatted with ``fmt``, as ``mean ± std`` when ``r`` covers several seeds."""
+    if "per_seed" not in r:
+        return format(r[key], fmt)
+    return f"{format(r[f'{key}_mean'], fmt)} ± {format(r[f'{key}_std'], fmt)}"
 
 
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -329,9 +413,11 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     make_pb_opt = make_optimizer_factory("sgd", pb_lr)  # momentum PB_MOMENTUM
     pb_stream = steps_per_epoch * batch
 
-    def build(method: str) -> PipelineSimulator:
+    seeds = list(range(args.seed, args.seed + args.seeds))
+
+    def build(method: str, ds: Any, seed: int) -> PipelineSimulator:
         stages = mlp_stages(ds.num_features, args.hidden, ds.num_classes, args.stages,
-                            activation=args.activation, seed=args.seed)
+                            activation=args.activation, seed=seed)
         if method in pb_all:
             return PipelineSimulator(stages, make_pb_opt,
                                      method="sequential" if method == PB_SYNC else method,
@@ -340,13 +426,18 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         return PipelineSimulator(stages, make_opt, method=method, schedule=args.schedule,
                                  n_microbatches=args.microbatches, update_every=ue)
 
-    # Build every simulator first so configuration errors surface before any training.
-    sims = {}
-    for method in args.methods:
-        try:
-            sims[method] = build(method)
-        except ValueError as exc:
-            parser.error(f"method {method}: {exc}")
+    def build_all(ds: Any, seed: int) -> dict[str, PipelineSimulator]:
+        sims = {}
+        for method in args.methods:
+            try:
+                sims[method] = build(method, ds, seed)
+            except ValueError as exc:
+                parser.error(f"method {method}: {exc}")
+        return sims
+
+    # Build the first seed's simulators first so configuration errors surface before any
+    # training (the other seeds only change the data and the initial weights).
+    first_sims: dict[str, PipelineSimulator] | None = build_all(ds, args.seed)
 
     config = {
         "dataset": args.dataset, "num_train": int(ds.x_train.shape[0]),
@@ -355,7 +446,8 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         "microbatch_size": args.microbatch_size, "microbatches": args.microbatches,
         "epochs": args.epochs, "steps_per_epoch": steps_per_epoch, "hidden": args.hidden,
         "activation": args.activation, "update_every": args.update_every,
-        "methods": list(args.methods), "seed": args.seed, "torch": torch.__version__,
+        "methods": list(args.methods), "seed": args.seed, "seeds": seeds,
+        "torch": torch.__version__,
         "pb_methods": pb_methods, "pb_lr": pb_lr, "pb_optimizer": "sgd",
         "pb_momentum": PB_MOMENTUM, "pb_microbatch_size": 1, "pb_stream_length": pb_stream,
     }
@@ -364,52 +456,66 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
           f"{args.hidden}) on "
           f"{args.schedule} with {num_ranks} ranks, {args.optimizer} lr {lr:g}, "
           f"{args.microbatches} micro-batches x {args.microbatch_size}, {args.epochs} epochs "
-          f"({steps_per_epoch} steps each)", flush=True)
+          f"({steps_per_epoch} steps each)"
+          + (f", {len(seeds)} seeds ({seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ""),
+          flush=True)
     if pb_methods:
         print(f"  {', '.join(pb_methods)}: Pipelined Backpropagation, every layer a stage "
               f"({args.stages}), 1 sample per update, sgd (momentum {PB_MOMENTUM:g}) lr "
               f"{pb_lr:g}, one stream of {pb_stream} samples per epoch", flush=True)
 
-    results: dict[str, dict[str, Any]] = {}
-    total = steps_per_epoch * args.epochs * len(sims)
+    def run(method: str, sim: PipelineSimulator, ds: Any, seed: int, bar: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        pb = method in pb_all
+        if pb:
+            per_sample = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
+                               microbatch_size=1, seed=seed,
+                               progress=_ScaledProgress(bar, steps_per_epoch),
+                               per_microbatch=True)
+            curve = [sum(per_sample[i:i + batch]) / batch
+                     for i in range(0, len(per_sample), batch)]
+        else:
+            curve = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
+                          microbatch_size=args.microbatch_size, seed=seed, progress=bar)
+        elapsed = time.perf_counter() - t0
+        train_loss, _ = sim.loss_and_accuracy(ds.x_train, ds.y_train)
+        test_loss, test_acc = sim.loss_and_accuracy(ds.x_test, ds.y_test)
+        return {
+            "final_train_loss": train_loss, "test_accuracy": test_acc,
+            "train_loss_curve": curve, "time_s": elapsed,
+            "max_staleness": sim.max_staleness, "test_loss": test_loss,
+            "update_every": sim.update_every,
+            "updates_per_stage": sim.workers[0].num_updates,
+            "schedule": sim.schedule,
+            "optimizer": "sgd" if pb else args.optimizer,
+            "lr": pb_lr if pb else lr,
+            "microbatch_size": 1 if pb else args.microbatch_size,
+            "updates_per_step": batch if pb else args.microbatches // sim.update_every,
+        }
+
+    per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    total = steps_per_epoch * args.epochs * len(args.methods) * len(seeds)
     with tqdm(total=total, desc="compare", unit="step", disable=args.no_progress,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for method, sim in sims.items():
-            bar.set_description(method)
-            t0 = time.perf_counter()
-            if method in pb_all:
-                per_sample = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
-                                   microbatch_size=1, seed=args.seed,
-                                   progress=_ScaledProgress(bar, steps_per_epoch),
-                                   per_microbatch=True)
-                curve = [sum(per_sample[i:i + batch]) / batch
-                         for i in range(0, len(per_sample), batch)]
+        for seed in seeds:
+            if first_sims is not None:
+                seed_ds, sims, first_sims = ds, first_sims, None
             else:
-                curve = train(sim, ds.x_train, ds.y_train, epochs=args.epochs,
-                              microbatch_size=args.microbatch_size, seed=args.seed,
-                              progress=bar)
-            elapsed = time.perf_counter() - t0
-            pb = method in pb_all
-            train_loss, _ = sim.loss_and_accuracy(ds.x_train, ds.y_train)
-            test_loss, test_acc = sim.loss_and_accuracy(ds.x_test, ds.y_test)
-            results[method] = {
-                "final_train_loss": train_loss, "test_accuracy": test_acc,
-                "train_loss_curve": curve, "time_s": elapsed,
-                "max_staleness": sim.max_staleness, "test_loss": test_loss,
-                "update_every": sim.update_every,
-                "updates_per_stage": sim.workers[0].num_updates,
-                "schedule": sim.schedule,
-                "optimizer": "sgd" if pb else args.optimizer,
-                "lr": pb_lr if pb else lr,
-                "microbatch_size": 1 if pb else args.microbatch_size,
-                "updates_per_step": batch if pb else args.microbatches // sim.update_every,
-            }
+                seed_ds = load_dataset(args.dataset, seed=seed)
+                sims = build_all(seed_ds, seed)
+            for method, sim in sims.items():
+                bar.set_description(method if len(seeds) == 1 else f"{method} seed {seed}")
+                per_seed[method].append(run(method, sim, seed_ds, seed, bar))
+    results = {m: _aggregate_seeds(seeds, runs) for m, runs in per_seed.items()}
 
     header = ["method", "final train loss", "test acc", "time (s)", "max staleness",
               "upd/step", "optimizer"]
-    rows = [[m, f"{r['final_train_loss']:.4f}", f"{r['test_accuracy']:.4f}",
+    rows = [[m, _mean_std(r, "final_train_loss", ".4f"), _mean_std(r, "test_accuracy", ".4f"),
              f"{r['time_s']:.1f}", str(r["max_staleness"]), str(r["updates_per_step"]),
              f"{r['optimizer']} {r['lr']:g}"] for m, r in results.items()]
+    if len(seeds) > 1:
+        print(f"final train loss and test acc: mean ± sample std over {len(seeds)} seeds "
+              f"({seeds[0]}..{seeds[-1]}); time: mean per seed")
     print(_format_table(header, rows))
 
     out: Path = args.out

@@ -347,12 +347,20 @@ class NAdamRule(AdamRule):
 
 
 class RAdamRule(AdamRule):
-    r"""RAdam: $D = \hat m_t\, r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon)$ once the
-    variance is tractable ($\rho_t > 5$), else $D = \hat m_t$ (SGD with momentum),
-    with $\rho_\infty = 2/(1-\beta_2) - 1$,
-    $\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)$ and the rectification
-    $r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}$,
-    exactly as torch's RAdam at the current step. Decoupled decay as in `AdamRule`."""
+    r"""RAdam: the direction of torch's next RAdam update, $t+1$, with the moments estimated
+    from the state at step $t$:
+    $D = \hat m_t\, r_{t+1} \sqrt{b_{t+1}} / (\sqrt{v_t b_{t+1}/b_t} + \epsilon)$ with
+    $b_t = 1-\beta_2^t$ (torch adds $\epsilon$ before the bias correction) once the variance is
+    tractable ($\rho_{t+1} > 5$), else $D = \hat m_t$ (SGD with momentum), with
+    $\rho_\infty = 2/(1-\beta_2) - 1$, $\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)$ and the
+    rectification
+    $r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}$.
+
+    The regime and $r$ are those of the update being predicted, not of the last one: RAdam
+    switches from momentum SGD to the rectified adaptive step at $t = 6$ (for
+    $\beta_2 = 0.999$) and $r_6 \approx 0.026$, so the last update's regime can point the
+    prediction the wrong way. Under a constant gradient the one-step prediction is exact.
+    Decoupled decay as in `AdamRule`."""
 
     name = "radam"
 
@@ -364,18 +372,22 @@ class RAdamRule(AdamRule):
         eps = _value(group["eps"])
         rho_inf = 2 / (1 - beta2) - 1
         d = torch._foreach_div(m, [1 - beta1**t for t in steps])
-        adaptive_idx, scales = [], []
+        adaptive_idx, scales, v_scales = [], [], []
         for i, t in enumerate(steps):
-            bc2 = 1 - beta2**t
-            rho_t = rho_inf - 2 * t * beta2**t / bc2
-            if rho_t > 5.0:
-                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
-                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            bc2, bc2_next = 1 - beta2**t, 1 - beta2 ** (t + 1)
+            rho_next = rho_inf - 2 * (t + 1) * beta2 ** (t + 1) / bc2_next
+            if rho_next > 5.0:
+                rect = ((rho_next - 4) * (rho_next - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_next)) ** 0.5
                 adaptive_idx.append(i)
-                scales.append(rect * bc2**0.5)
+                scales.append(rect * bc2_next**0.5)
+                v_scales.append((bc2_next / bc2) ** 0.5)
         if adaptive_idx:
             sub_d = [d[i] for i in adaptive_idx]
+            # sqrt(v_{t+1}) estimated as sqrt(v_t / bc2_t * bc2_{t+1}): torch adds eps to the raw
+            # sqrt(v), so the bias correction of step t+1 must be applied before eps.
             denom = torch._foreach_sqrt([v[i] for i in adaptive_idx])
+            torch._foreach_mul_(denom, v_scales)
             torch._foreach_add_(denom, eps)
             torch._foreach_div_(sub_d, denom)
             torch._foreach_mul_(sub_d, scales)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -38,6 +39,58 @@ def test_compare_tiny_config_writes_results(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
 
 
+_TINY = ["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
+         "--methods", "pipedream,pipeoptim", "--microbatch-size", "4", "--microbatches", "4",
+         "--no-progress"]
+
+
+def _compare(out, *argv):
+    assert main([*_TINY, "--out", str(out), *argv]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_compare_seeds_aggregates_single_seed_runs(tmp_path, capsys):
+    singles = [_compare(tmp_path / f"s{s}", "--seed", str(s)) for s in (3, 4)]
+    capsys.readouterr()
+    data = _compare(tmp_path / "multi", "--seed", "3", "--seeds", "2")
+    text = capsys.readouterr().out
+    assert data["config"]["seed"] == 3 and data["config"]["seeds"] == [3, 4]
+    assert [d["config"]["seeds"] for d in singles] == [[3], [4]]
+    assert set(data["methods"]) == {"pipedream", "pipeoptim"}
+    for method, r in data["methods"].items():
+        runs = [d["methods"][method] for d in singles]
+        assert "seeds" not in runs[0] and "per_seed" not in runs[0]  # N=1: unchanged fields
+        assert r["seeds"] == [3, 4] and len(r["per_seed"]) == 2
+        for got, want in zip(r["per_seed"], runs):
+            assert set(got) == set(want)
+            for key in ("final_train_loss", "test_accuracy", "test_loss", "train_loss_curve",
+                        "max_staleness", "updates_per_stage", "updates_per_step"):
+                assert got[key] == want[key], (method, key)
+        for key in ("final_train_loss", "test_accuracy", "test_loss"):
+            values = [w[key] for w in runs]
+            assert r[f"{key}_mean"] == statistics.mean(values) == r[key]
+            assert r[f"{key}_std"] == statistics.stdev(values)
+        times = [g["time_s"] for g in r["per_seed"]]
+        assert r["time_s_mean"] == statistics.mean(times) == r["time_s"]
+        assert r["time_s_std"] == statistics.stdev(times)
+        assert r["train_loss_curve"] == [statistics.mean(v) for v in
+                                         zip(*(w["train_loss_curve"] for w in runs))]
+        assert r["max_staleness"] == 1 and isinstance(r["per_seed"][0]["time_s"], float)
+        row = next(ln for ln in text.splitlines() if ln.startswith(method))
+        want_loss = (f"{r['final_train_loss_mean']:.4f} ± {r['final_train_loss_std']:.4f}")
+        want_acc = f"{r['test_accuracy_mean']:.4f} ± {r['test_accuracy_std']:.4f}"
+        assert want_loss in row and want_acc in row
+    assert "±" in text and "2 seeds (3..4)" in text
+    assert (tmp_path / "multi" / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_one_seed_prints_no_std(tmp_path, capsys):
+    data = _compare(tmp_path, "--seeds", "1")
+    assert "±" not in capsys.readouterr().out
+    assert data["config"]["seeds"] == [0]
+    assert not any(k.endswith(("_mean", "_std")) for k in data["methods"]["pipeoptim"])
+
+
 def test_compare_two_stages_per_rank_schedule(tmp_path, capsys):
     rc = main(["compare", "--dataset", "moons", "--stages", "4", "--schedule",
                "interleaved1f1b", "--epochs", "1", "--methods", "xpipe", "--optimizer", "sgd",
@@ -60,6 +113,9 @@ def test_compare_two_stages_per_rank_schedule(tmp_path, capsys):
         (["--optimizer", "lamb"], "--optimizer"),
         (["--microbatches", "2", "--methods", "pipedream"], "rejects"),  # 1F1B: n >= 4 ranks
         (["--dataset", "iris", "--microbatch-size", "64"], "exceeds"),
+        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "x"], "--seeds"),
+        (["--seeds", "-2"], "--seeds"),
     ],
 )
 def test_compare_bad_arguments(argv, match, capsys, tmp_path):

@@ -9,10 +9,11 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from predictopt.lr_scheduler import REX, rex_lr
+from tests._hyp import props
 
 
 def _reference(step: int, total: int, max_lr: float, min_lr: float, warmup: int) -> Fraction:
@@ -192,7 +193,7 @@ def test_rex_lr_bad_arguments(args, exc, name):
         rex_lr(*args)
 
 
-@settings(deadline=None, max_examples=150)
+@props(150)
 @given(
     total=st.integers(1, 2000),
     warmup_frac=st.floats(0.0, 0.99),

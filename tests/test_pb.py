@@ -171,6 +171,26 @@ def test_generic_pipedream_on_pb_schedule_equals_pb():
     assert_bitwise(params(a), params(b))
 
 
+@pytest.mark.parametrize("stashed", ["pb", "pb-sc", "pb-lwp", "pb-sc-lwp"])
+def test_lean_twins_differ_only_in_the_backward_weights(stashed):
+    """Each ``-lean`` method runs the same forwards as its stashed twin until the first backward
+    that reads weights updated since its forward (the first stage's first delayed sample): the
+    per-sample losses of the first stream agree up to there and then part; and with one stage
+    (no delay) the twins are identical bit for bit."""
+    x, y = data()
+    one_a, la = run(stashed, x, y, num_stages=1, epochs=1)
+    one_b, lb = run(stashed + "-lean", x, y, num_stages=1, epochs=1)
+    assert la == lb
+    assert_bitwise(params(one_a), params(one_b))
+    a, la = run(stashed, x, y, num_stages=3, epochs=1)
+    b, lb = run(stashed + "-lean", x, y, num_stages=3, epochs=1)
+    assert la[0] == lb[0]  # the first sample's forward precedes every update
+    assert la != lb and any(not torch.equal(u, v) for u, v in zip(params(a), params(b)))
+    assert [w.method for w in b.workers] == ["pipeoptim-lean"] * 3
+    expect_h = (lambda w: w.staleness) if "lwp" in stashed else (lambda w: [0] * len(w.staleness))
+    assert all(w.horizons == expect_h(w) for w in b.workers)
+
+
 def test_spike_compensation_uses_stage_delays():
     x, y = data()
     sim, _ = run("pb-sc", x, y, num_stages=4, epochs=1)
@@ -183,7 +203,7 @@ def test_spike_compensation_uses_stage_delays():
     assert [w.num_updates for w in sim.workers] == [x.shape[0]] * 4
 
 
-@pytest.mark.parametrize("method", ["pb", "pb-lwp"])
+@pytest.mark.parametrize("method", ["pb", "pb-lwp", "pb-lean", "pb-lwp-lean"])
 def test_forward_weights_are_stashed_or_linearly_predicted(method):
     # Record the weight every forward of stage 0 runs on, with the real weight and the velocity
     # at that moment: pb uses w, pb-lwp w - lr * min(i, D_0) * v.
@@ -205,7 +225,7 @@ def test_forward_weights_are_stashed_or_linearly_predicted(method):
     assert len(seen) == 12
     for i, (used, w, v) in enumerate(seen):
         s = min(i, 4)
-        if method == "pb" or v is None:
+        if method in ("pb", "pb-lean") or v is None:
             assert torch.equal(used, w)
         else:
             torch.testing.assert_close(used, w - LR * s * v, rtol=1e-6, atol=1e-7)
@@ -242,6 +262,7 @@ def test_simulate_defaults_to_pb_schedule_and_step_means():
         ({"method": "pb", "update_every": 2}, "update_every"),
         ({"method": "pb-lwp", "rule": "sgd"}, "rule"),
         ({"method": "pb", "horizons": {0: [0] * 4}}, "horizons"),
+        ({"method": "pb-sc-lean", "horizons": {0: [0] * 4}}, "horizons"),
         ({"method": "pb-x"}, "method must be one of"),
     ],
 )
@@ -260,7 +281,7 @@ def test_rejects_bad_configurations(kwargs, match):
 def test_compare_runs_pb_methods(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
-               "--methods", "sequential,pb-sync,pb,pb-sc,pb-lwp,pb-sc-lwp",
+               "--methods", "sequential,pb-sync," + ",".join(PB_METHODS),
                "--microbatch-size", "4",
                "--microbatches", "4", "--out", str(out), "--no-progress"])
     assert rc == 0

@@ -6,15 +6,16 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from predictopt import testing
+from tests._hyp import props
 from tests.catalog import OPTIMIZERS
 
 warnings.filterwarnings("ignore", message="predictopt has no prediction rule")
 
-PROPS = settings(max_examples=6, deadline=None)
+PROPS = props(6)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -61,6 +62,30 @@ def test_constant_gradient_is_exact(name, shapes, dtype, lr, steps, warmup, seed
     testing.check_constant_gradient_exact(lambda ps: factory(ps, lr),
                                           testing.make_params(shapes, dtype, seed),
                                           steps=steps, warmup=warmup)
+
+
+@pytest.mark.parametrize("name", ["radam", "radam-decoupled"])
+@PROPS
+@given(shapes=testing.shapes(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       lr=testing.learning_rates(), warmup=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_radam_one_step_is_exact_across_its_regime_switch(name, shapes, dtype, lr, warmup, seed):
+    """RAdam's rule predicts the *next* update's regime and rectification: the one-step prediction
+    is exact under a constant gradient, also at t = 5 -> 6 where RAdam turns adaptive."""
+    factory, _ = OPTIMIZERS[name]
+    testing.check_constant_gradient_exact(lambda ps: factory(ps, lr),
+                                          testing.make_params(shapes, dtype, seed),
+                                          steps=1, warmup=warmup)
+
+
+def test_radam_regime_switch_is_covered():
+    """The case CI once drew (last update momentum SGD, next one rectified; decay and gradient
+    nearly cancel): pinned so the example is always run."""
+    factory, _ = OPTIMIZERS["radam-decoupled"]
+    testing.check_constant_gradient_exact(lambda ps: factory(ps, 0.0078125),
+                                          testing.make_params([(4, 5), ()], torch.float64, 9033),
+                                          steps=1, warmup=5)
+    testing.check_direction(lambda ps: factory(ps, 0.0078125),
+                            testing.make_params([(4, 5), ()], torch.float64, 9033))
 
 
 @pytest.mark.parametrize("name", ["adam", "adamax", "adam-amsgrad"])

@@ -59,7 +59,11 @@ def equivalence_configs(world_size: int) -> list[dict]:
               ("spectrain", "Interleaved1F1B", "sgdm", None), ("spectrain", "1F1B", "adam", None),
               ("xpipe", "1F1B", "adam", None), ("xpipe", "ZBVZeroBubble", "adamw", None),
               ("pipedream-2bw", "1F1B", "sgdm", None), ("pipedream-2bw", "LoopedBFS", "adamw",
-                                                         None)]
+                                                         None),
+              # backward on the current weights, also split into I and W (zero bubble)
+              ("pipeoptim-lean", "1F1B", "adamw", None),
+              ("pipeoptim-lean", "InterleavedZeroBubble", "adam", None),
+              ("pipeoptim-lean", "DualPipeV", "sgdm", None)]
     if world_size == 2:
         others += [("xpipe", "InterleavedZeroBubble", "adam", 2),
                    ("pipedream-2bw", "GPipe", "adam", 4)]
@@ -99,7 +103,7 @@ def test_equivalence_matrix_covers_the_brief() -> None:
         assert po == {(s, o) for s in ALL for o in ("adam", "adamw", "sgdm")}
         methods = {c["method"] for c in cfgs}
         assert {"pipeoptim", "pipedream", "gpipe", "spectrain", "xpipe",
-                "pipedream-2bw"} <= methods
+                "pipedream-2bw", "pipeoptim-lean"} <= methods
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from predictopt import PredictiveOptimizer, predict
 from predictopt.lr_scheduler import REX, future_lrs
 from predictopt.testing import make_params
+from tests._hyp import props
 
 S = torch.optim.lr_scheduler
 
@@ -34,7 +35,7 @@ OPTIMIZERS = {
 }
 
 
-@settings(max_examples=25, deadline=None)
+@props(25)
 @given(sched=st.sampled_from(sorted(SCHEDULERS)), name=st.sampled_from(sorted(OPTIMIZERS)),
        steps=st.integers(1, 7), warmup=st.integers(1, 6), seed=st.integers(0, 1000))
 def test_constant_gradient_is_exact_under_a_known_schedule(sched, name, steps, warmup, seed):

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from predictopt import PredictiveOptimizer, predict
@@ -26,6 +26,7 @@ from predictopt.pipeline import (
     train,
 )
 from predictopt.rules import get_rule
+from tests._hyp import props
 
 torch.set_num_threads(1)
 
@@ -186,7 +187,7 @@ def test_gpipe_equals_accumulation_loop(batch, schedule):
     assert all(w.num_updates == 3 for w in sim.workers)
 
 
-@pytest.mark.parametrize("method", ["pipedream", "pipeoptim", "spectrain"])
+@pytest.mark.parametrize("method", ["pipedream", "pipeoptim", "pipeoptim-lean", "spectrain"])
 def test_one_stage_pipeline_equals_sequential(batch, method):
     x, y = batch
     a = run_sim(method, x, y, num_stages=1, schedule="1F1B")
@@ -252,7 +253,7 @@ def _valid(schedule: str, ranks: int, n: int) -> bool:
     return True
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@props(40)
 @given(schedule=st.sampled_from(SUPPORTED_SCHEDULES), ranks=st.integers(1, 3),
        n=st.integers(1, 8), method=st.sampled_from(METHODS))
 def test_every_action_once_and_update_counts(schedule, ranks, n, method):
@@ -380,6 +381,17 @@ def test_2bw_uses_previous_version():
             w.backward(i, loss=out.sum())  # d/dW = 1
     # W0 = 1, W1 = 0.5, W2 = 0.0; forwards of step t see W(t-1) (W(-1) = W0)
     assert seen == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+
+    # the second version is public state: read, validated on write, and used by the next forward
+    prev = w.previous_version
+    assert prev is not None and torch.equal(prev[0], torch.zeros(1, 1))  # W2, before W3
+    with pytest.raises(ValueError, match="previous_version must hold 1 tensors"):
+        w.previous_version = [torch.zeros(2, 2)]
+    assert torch.equal(w.previous_version[0], prev[0])  # unchanged by the rejected write
+    w.previous_version = [torch.full((1, 1), 7.0)]
+    assert float(w.forward(0, x).detach()) == 7.0
+    with pytest.raises(RuntimeError, match="between steps"):
+        w.previous_version = None
 
 
 def test_first_moment_rule():
@@ -585,3 +597,185 @@ def test_tuple_outputs_between_stages(batch):
     assert_same(stages, losses, ref, ref_losses)
     piped = PipelineSimulator(_split_join(), adamw, method="pipeoptim", n_microbatches=4)
     assert len(piped.step(x, y)) == 4 and piped.max_staleness == 1
+
+
+# ------------------------------------------------------------------ pipeoptim-lean
+
+
+def _lean_stage() -> tuple[torch.nn.Module, StageWorker, list[dict[str, torch.Tensor]], list]:
+    gen = torch.Generator().manual_seed(5)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    seen: list[dict[str, torch.Tensor]] = []  # gradients of every update, by parameter name
+    names = {p: n for n, p in m.named_parameters()}
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        {names[p]: p.grad.clone() for g in o.param_groups for p in g["params"]}))
+    w = StageWorker(m, opt, method="pipeoptim-lean", staleness=[1, 0])
+    return m, w, seen, names
+
+
+def test_lean_backward_uses_the_current_weights():
+    """F(0) on the prediction, F(1), B(1) updates, B(0): the activations are F(0)'s, the
+    weights B(0) differentiates through are the ones after the update (checked against the chain
+    rule written out), and they differ from the forward's (so ``pipeoptim`` would differ)."""
+    m, w, seen, _ = _lean_stage()
+    gen = torch.Generator().manual_seed(6)
+    x0, x1 = (torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    w.forward(0, x1)  # one warm-up micro-batch pair so Adam has state to predict from
+    w.forward(1, x1)
+    w.backward(1, grad_output=torch.ones(5, 3, dtype=torch.float64))
+    w.backward(0, grad_output=torch.ones(5, 3, dtype=torch.float64))
+    pred = {n: v.detach().clone() for n, v in
+            zip(w.param_names, (predict(w.optimizer, 1)[p] for p in w.params))}
+    out0 = w.forward(0, x0)
+    w.forward(1, x1)
+    w.backward(1, grad_output=torch.ones(5, 3, dtype=torch.float64))  # update: W changes
+    current = {n: p.detach().clone() for n, p in m.named_parameters()}
+    g = torch.linspace(-1, 1, 15, dtype=torch.float64).reshape(5, 3)
+    w.backward(0, grad_output=g)
+    # the chain rule: h from the forward (predicted weights), W2 of the backward = current
+    h = torch.tanh(x0 @ pred["0.weight"].T + pred["0.bias"])
+    assert torch.allclose(out0.detach(), h @ pred["2.weight"].T + pred["2.bias"], rtol=0,
+                          atol=1e-13)
+    g_pre = (g @ current["2.weight"]) * (1 - h * h)
+    expect = {"2.weight": g.T @ h, "2.bias": g.sum(0), "0.weight": g_pre.T @ x0,
+              "0.bias": g_pre.sum(0)}
+    got = seen[-1]
+    for name, value in expect.items():
+        assert torch.allclose(got[name], value, rtol=1e-12, atol=1e-12), name
+    g_pre_forward = (g @ pred["2.weight"]) * (1 - h * h)  # what pipeoptim would compute
+    assert not torch.allclose(got["0.weight"], g_pre_forward.T @ x0, rtol=1e-6, atol=0)
+
+
+def test_lean_keeps_no_weight_copy_per_microbatch(monkeypatch):
+    """With micro-batches in flight, ``pipeoptim`` keeps alive every prediction its backward
+    reads (autograd saved the weight matrices; a bias is not needed and dies after the
+    forward); ``pipeoptim-lean`` keeps none."""
+    import gc
+    import weakref
+
+    from predictopt.pipeline import semantics
+
+    alive: dict[str, list[bool]] = {}
+    for method in ("pipeoptim", "pipeoptim-lean"):
+        refs: list[weakref.ref] = []
+        real_predict = semantics.predict
+
+        def recording_predict(*args, _real=real_predict, _refs=refs, **kwargs):
+            out = _real(*args, **kwargs)
+            _refs.extend(weakref.ref(v) for v in out.values() if v.dim() == 2)
+            return out
+
+        monkeypatch.setattr(semantics, "predict", recording_predict)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                        method=method, staleness=[2, 1, 0])
+        x = torch.randn(5, 4)
+        for _ in range(2):  # step 1 builds momentum; step 2's forwards predict
+            refs.clear()
+            outs = [w.forward(i, x) for i in range(3)]
+            gc.collect()
+            alive[method] = [r() is not None for r in refs]
+            for i in (2, 1, 0):
+                w.backward(i, grad_output=torch.ones_like(outs[i]))
+        monkeypatch.undo()
+    assert alive["pipeoptim"] and all(alive["pipeoptim"])
+    assert alive["pipeoptim-lean"] and not any(alive["pipeoptim-lean"])
+
+
+# ------------------------------------------------------------------ memory held by the worker
+
+
+def test_completed_backward_leaves_no_gradient_in_the_graph():
+    """A caller may keep the loss (torch's schedules keep every micro-batch's loss until the
+    step ends): the graph it reaches must not hold a weight gradient per micro-batch."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1), method="gpipe",
+                    staleness=[0, 0, 0], update_every=3)
+    x = torch.randn(5, 4, requires_grad=True)
+    losses = []
+    for i in range(3):
+        loss = w.forward(i, x).square().mean()
+        losses.append(loss)
+        w.backward(i, loss=loss)
+
+    def accumulate_nodes(fn, seen):
+        if fn is None or fn in seen:
+            return
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            accumulate_nodes(nxt, seen)
+
+    nodes: set = set()
+    for loss in losses:
+        accumulate_nodes(loss.grad_fn, nodes)
+    variables = [n.variable for n in nodes if hasattr(n, "variable")]
+    assert len(variables) >= 3 * 4  # every micro-batch's weight leaves are still reachable
+    assert all(v.grad is None for v in variables)
+    assert all(p.grad is None for p in m.parameters())  # zeroed by the update
+
+
+def test_forwards_between_two_updates_share_one_stash():
+    """pipedream-2bw keeps two weight buffers (the previous version and a copy of the current
+    one), not one copy per micro-batch: at every version the forwards that do not run on the
+    real weights use at most two storages, and the previous version is the last stash."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, IN, generator=gen), torch.randint(0, OUT, (16,), generator=gen)
+    stages = mlp_stages(IN, HID, OUT, 4, seed=0)
+    sim = PipelineSimulator(stages, lambda p: torch.optim.SGD(p, lr=0.1), method="pipedream-2bw",
+                            schedule="1F1B", n_microbatches=8, update_every=4)
+    assert sim.staleness[0] == [0, 0, 0, 0, 1, 1, 1, 0]
+    worker, real = sim.workers[0], stages[0][0].weight
+    seen: dict[int, list[int]] = {}
+
+    def hook(mod, args):
+        ptr = mod.weight.untyped_storage().data_ptr()
+        if ptr != real.untyped_storage().data_ptr():
+            seen.setdefault(worker.num_updates, []).append(ptr)
+
+    stages[0][0].register_forward_pre_hook(hook)
+    for _ in range(3):
+        sim.step(x, y)
+    assert max(len(ptrs) for ptrs in seen.values()) >= 7  # versions with many such forwards
+    assert all(len(set(ptrs)) <= 2 for ptrs in seen.values())
+    # the previous version the s = 0 forwards use after an update is the stash of before
+    assert any(set(seen[v]) & set(seen[v + 1]) for v in seen if v + 1 in seen)
+
+
+@pytest.mark.parametrize("method", ["pipedream", "pipeoptim"])
+def test_a_copy_dies_with_its_backward_even_if_the_loss_is_kept(method, monkeypatch):
+    """Stashed and predicted weights are referenced by autograd's saved tensors only: once the
+    micro-batch's backward has run they are freed, although the caller keeps its loss."""
+    import gc
+    import weakref
+
+    from predictopt.pipeline import semantics
+
+    refs: list[weakref.ref] = []
+    real_weights = semantics.StageWorker._weights
+
+    def recording_weights(self, mb):
+        vals = real_weights(self, mb)
+        refs.extend(weakref.ref(v) for v in vals
+                    if v.untyped_storage().data_ptr() not in
+                    {p.untyped_storage().data_ptr() for p in self.params})
+        return vals
+
+    monkeypatch.setattr(semantics.StageWorker, "_weights", recording_weights)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), method=method,
+                    staleness=[1, 0])
+    x = torch.randn(5, 4)
+    kept = []
+    for _ in range(2):
+        refs.clear()
+        losses = [w.forward(i, x).square().mean() for i in range(2)]
+        w.backward(1, loss=losses[1])
+        w.backward(0, loss=losses[0])
+        kept += losses
+        gc.collect()
+        assert refs, "micro-batch 0 runs on a copy"
+        assert not any(r() is not None for r in refs)

@@ -9,10 +9,11 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from predictopt.spike import SpikeCompensatedSGD, spike_coefficients
+from tests._hyp import props
 
 
 def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -77,7 +78,7 @@ def test_is_sgd_subclass_with_sgd_state_keys():
 # --- spike_coefficients ------------------------------------------------------------------------
 
 
-@settings(deadline=None, max_examples=100)
+@props(100)
 @given(m=st.floats(0.0, 0.999), d=st.integers(0, 64))
 def test_coefficients_give_total_of_undelayed_steps(m, d):
     a, b = spike_coefficients(m, d)
@@ -110,7 +111,7 @@ def _scalar_trajectory(opt_cls, grads: list[float], lr: float, m: float, **kw) -
     return out
 
 
-@settings(deadline=None, max_examples=60)
+@props(60)
 @given(
     m=st.floats(0.0, 0.99),
     d=st.integers(0, 12),

@@ -6,7 +6,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from predictopt.pipeline import schedules as sch
@@ -22,6 +22,7 @@ from predictopt.pipeline.schedules import (
     staleness,
     timeline,
 )
+from tests._hyp import props
 
 SINGLE = ("GPipe", "1F1B")
 LOOP_MULTI = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
@@ -265,7 +266,7 @@ def _configs(draw):
     return schedule, k_ranks, n, spr, u
 
 
-@settings(max_examples=120, deadline=None)
+@props(120)
 @given(_configs())
 def test_schedule_properties(cfg):
     schedule, k_ranks, n, spr, u = cfg

@@ -3,9 +3,11 @@ per-stage training semantics (:class:`StageWorker`) and a single-process simulat
 
 from predictopt.pipeline.pb import (
     PB_METHODS,
+    PB_PREDICTING,
     PB_SCHEDULE,
     pb_delays,
     pb_global_order,
+    pb_horizons,
     pb_local_orders,
     pb_method,
     pb_optimizer,
@@ -26,6 +28,7 @@ from predictopt.pipeline.schedules import (
     timeline,
 )
 from predictopt.pipeline.semantics import (
+    LEAN_METHODS,
     METHODS,
     PREDICTING_METHODS,
     FirstMomentRule,
@@ -54,6 +57,7 @@ __all__ = [
     "staleness",
     "timeline",
     "METHODS",
+    "LEAN_METHODS",
     "PREDICTING_METHODS",
     "FirstMomentRule",
     "StageWorker",
@@ -65,9 +69,11 @@ __all__ = [
     "simulate",
     "train",
     "PB_METHODS",
+    "PB_PREDICTING",
     "PB_SCHEDULE",
     "pb_delays",
     "pb_global_order",
+    "pb_horizons",
     "pb_local_orders",
     "pb_method",
     "pb_optimizer",

@@ -38,8 +38,11 @@ samples come in the epoch's shuffled order.
 
 Methods
 -------
-All four run momentum SGD per stage (the paper's setting) with weight stashing: the backward
-differentiates through exactly the weights its forward used. They map onto
+All run momentum SGD per stage (the paper's setting). The first four stash weights: the backward
+differentiates through exactly the weights its forward used. Their ``-lean`` twins do not: the
+backward of a sample reads the stage's weights *at backward time*, $D_k$ updates after its
+forward (worker method ``pipeoptim-lean``), so besides the gradient delay each backward
+differentiates through other weights than its forward's. They map onto
 :class:`~predictopt.pipeline.semantics.StageWorker` methods:
 
 ``pb``
@@ -56,6 +59,10 @@ differentiates through exactly the weights its forward used. They map onto
 ``pb-sc-lwp``
     Both: a ``SpikeCompensatedSGD`` stage optimizer and the same prediction $w - \eta\,s\,v$
     (the rule reads the velocity, which Spike Compensation keeps exactly as SGD does).
+``pb-lean``, ``pb-sc-lean``, ``pb-lwp-lean``, ``pb-sc-lwp-lean``
+    The same four without weight stashing (the paper's PB, whose point is to keep one weight
+    copy per stage): forward as above, backward on the current weights. Linear Weight
+    Prediction then also shrinks the mismatch between the forward's and the backward's weights.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from .schedules import Action
 
 __all__ = [
     "PB_METHODS",
+    "PB_PREDICTING",
     "PB_SCHEDULE",
     "pb_delays",
     "pb_global_order",
@@ -84,7 +92,10 @@ __all__ = [
 #: The schedule name of Pipelined Backpropagation in the simulator.
 PB_SCHEDULE = "PB"
 #: The Pipelined Backpropagation methods (``PipelineSimulator`` and ``predictopt compare``).
-PB_METHODS: tuple[str, ...] = ("pb", "pb-sc", "pb-lwp", "pb-sc-lwp")
+PB_METHODS: tuple[str, ...] = ("pb", "pb-sc", "pb-lwp", "pb-sc-lwp", "pb-lean", "pb-sc-lean",
+                                "pb-lwp-lean", "pb-sc-lwp-lean")
+#: The PB methods whose forwards run on predicted weights (Linear Weight Prediction).
+PB_PREDICTING: tuple[str, ...] = ("pb-lwp", "pb-sc-lwp", "pb-lwp-lean", "pb-sc-lwp-lean")
 
 # method -> (StageWorker method, Spike Compensation, prediction rule)
 _SPECS: dict[str, tuple[str, bool, str | None]] = {
@@ -92,6 +103,11 @@ _SPECS: dict[str, tuple[str, bool, str | None]] = {
     "pb-sc": ("pipedream", True, None),
     "pb-lwp": ("pipeoptim", False, "sgd"),
     "pb-sc-lwp": ("pipeoptim", True, "sgd"),
+    # no weight stashing: the backward reads the current weights (horizons 0 without LWP)
+    "pb-lean": ("pipeoptim-lean", False, "sgd"),
+    "pb-sc-lean": ("pipeoptim-lean", True, "sgd"),
+    "pb-lwp-lean": ("pipeoptim-lean", False, "sgd"),
+    "pb-sc-lwp-lean": ("pipeoptim-lean", True, "sgd"),
 }
 
 
@@ -203,12 +219,25 @@ def pb_method(method: Any) -> tuple[str, bool, str | None]:
     return _SPECS[method]
 
 
+def pb_horizons(method: str, staleness: Sequence[int]) -> list[int] | None:
+    """The prediction horizons a PB method gives a stage's worker: ``None`` (the staleness,
+    the worker's default) for the Linear Weight Prediction methods, zeros for the others.
+
+    Raises:
+        ValueError: not one of :data:`PB_METHODS`.
+    """
+    worker, _, _ = pb_method(method)
+    if method in PB_PREDICTING or worker != "pipeoptim-lean":
+        return None
+    return [0] * len(staleness)
+
+
 def pb_optimizer(method: str, optimizer: Optimizer, delay: int) -> Optimizer:
     r"""Check a stage's optimizer for a PB method; with Spike Compensation, convert it.
 
     The PB methods run momentum SGD: ``optimizer`` must be a ``torch.optim.SGD`` (or
     :class:`~predictopt.spike.SpikeCompensatedSGD`) with ``momentum > 0`` in every group and
-    no state yet. ``pb`` and ``pb-lwp`` return it as it is; ``pb-sc`` and ``pb-sc-lwp`` return a
+    no state yet. The methods without Spike Compensation return it as it is; ``pb-sc*`` return a
     ``SpikeCompensatedSGD`` over the same parameter groups with the same hyperparameters and
     ``delay`` set to the stage's $D_k$ in every group.
 

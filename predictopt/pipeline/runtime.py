@@ -2,8 +2,9 @@ r"""Distributed pipeline training with PyTorch's native schedules: :class:`Predi
 
 :class:`PredictiveStage` is a ``torch.distributed.pipelining.PipelineStage`` that trains itself
 asynchronously. Each forward runs on the weights its method prescribes (predicted for
-``pipeoptim``, ``spectrain`` and ``xpipe``, stashed for ``pipedream``, the previous version for
-``pipedream-2bw``), and the stage steps its optimizer after every ``update_every``-th completed
+``pipeoptim``, ``pipeoptim-lean``, ``spectrain`` and ``xpipe``, stashed for ``pipedream``, the
+previous version for ``pipedream-2bw``; ``pipeoptim-lean``'s backward uses the current weights),
+and the stage steps its optimizer after every ``update_every``-th completed
 backward, inside ``schedule.step()``. The schedule is any of torch's own classes, unchanged::
 
     stage = PredictiveStage(stage_module, stage_index, num_stages, device,
@@ -370,8 +371,8 @@ class PredictiveStage(PipelineStage):
         device: The device the stage runs on (the module must be there already).
         optimizer: A ``torch.optim.Optimizer`` over (some of) ``submodule``'s parameters, or a
             :class:`~predictopt.PredictiveOptimizer` (then its rule and scheduler are used).
-        method: ``"pipeoptim"`` (default), ``"pipedream"``, ``"pipedream-2bw"``,
-            ``"spectrain"``, ``"xpipe"`` or ``"gpipe"`` (see
+        method: ``"pipeoptim"`` (default), ``"pipeoptim-lean"``, ``"pipedream"``,
+            ``"pipedream-2bw"``, ``"spectrain"``, ``"xpipe"`` or ``"gpipe"`` (see
             :mod:`predictopt.pipeline.semantics`). ``"sequential"`` is the single-process
             reference and is rejected.
         update_every: Completed backwards per update; default
@@ -457,7 +458,7 @@ class PredictiveStage(PipelineStage):
             if self.worker.in_flight:
                 raise RuntimeError(f"stage {self.stage_index}: cannot attach to another schedule "
                                    f"with micro-batches {self.worker.in_flight} in flight")
-            previous = self.worker._previous
+            previous = self.worker.previous_version
         u = _resolve_update_every(self.method, self._update_every_arg, self.num_stages, n)
         table = staleness(name, k_ranks, n, stages_per_rank=spr, update_every=u)
         if self._horizons is not None and len(self._horizons) != n:
@@ -469,7 +470,7 @@ class PredictiveStage(PipelineStage):
             horizons=self._horizons, input_grads=not self.is_first,
         )
         if previous is not None:
-            self.worker._previous = [t.detach().clone() for t in previous]
+            self.worker.previous_version = previous
         self._pending_previous = None
         self.schedule_info = (name, k_ranks, spr, n, u)
         self._schedule_ref = weakref.ref(schedule)
@@ -671,7 +672,7 @@ class PredictiveStage(PipelineStage):
         if self.worker is not None:
             if self.worker.in_flight:
                 raise RuntimeError("state_dict() must be called between steps")
-            previous = self.worker._previous
+            previous = self.worker.previous_version
         elif self._pending_previous is not None:
             previous = self._pending_previous
         return {
@@ -697,7 +698,7 @@ class PredictiveStage(PipelineStage):
         if self.worker is not None:
             if self.worker.in_flight:
                 raise RuntimeError("load_state_dict() must be called between steps")
-            self.worker._previous = previous
+            self.worker.previous_version = previous
         else:
             self._pending_previous = previous
 

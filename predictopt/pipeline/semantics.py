@@ -50,9 +50,18 @@ Methods
     ``update_every = T``.
 ``pipeoptim``
     ``u = 1``; forward on weights predicted ``s(i)`` updates ahead with the optimizer's own rule.
+``pipeoptim-lean``
+    PipeOptim as its paper runs it: forward as ``pipeoptim``, but the backward uses the stage's
+    *current* weights (those at the time the backward runs), so no weight version is kept per
+    micro-batch in flight: at most two copies per stage (the real weights and, during a forward,
+    one prediction), against one per in-flight micro-batch for ``pipedream`` and ``pipeoptim``.
 
-In every method the backward of a micro-batch differentiates through exactly the weights its
-forward used (autograd keeps them), and the gradient is applied to the real weights.
+In every method but ``pipeoptim-lean`` the backward of a micro-batch differentiates through
+exactly the weights its forward used (autograd keeps them), and the gradient is applied to the
+real weights. ``pipeoptim-lean`` runs its forwards under a ``saved_tensors_hooks`` pair that
+saves, instead of a weight (or a view of one), a reference to the parameter, and gives autograd the
+parameter's value at backward time; the activations autograd saves are the forward's. A tensor
+the module *computes* from a weight (a scaled copy, an autocast cast) is saved as computed.
 
 Gradient scaling
 ----------------
@@ -89,6 +98,7 @@ weights, optimizers, micro-batch split and loss function.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +122,7 @@ from ..rules import (
 )
 
 __all__ = [
+    "LEAN_METHODS",
     "METHODS",
     "PREDICTING_METHODS",
     "FirstMomentRule",
@@ -129,10 +140,13 @@ METHODS: tuple[str, ...] = (
     "spectrain",
     "xpipe",
     "pipeoptim",
+    "pipeoptim-lean",
 )
 #: Methods whose forwards run on predicted weights.
-PREDICTING_METHODS: tuple[str, ...] = ("spectrain", "xpipe", "pipeoptim")
-_PER_MICROBATCH = ("sequential", "pipedream", "spectrain", "pipeoptim")
+PREDICTING_METHODS: tuple[str, ...] = ("spectrain", "xpipe", "pipeoptim", "pipeoptim-lean")
+#: Methods whose backwards use the stage's current weights instead of the forward's.
+LEAN_METHODS: tuple[str, ...] = ("pipeoptim-lean",)
+_PER_MICROBATCH = ("sequential", "pipedream", "spectrain", "pipeoptim", "pipeoptim-lean")
 
 
 def check_method(method: Any) -> str:
@@ -239,7 +253,8 @@ def method_rule(method: str, optimizer: Optimizer) -> PredictionRule | None:
 
     ``spectrain``: :class:`FirstMomentRule` with the optimizer's own rule as fallback;
     ``xpipe``: ``"adam"`` for Adam, AdamW, NAdam, RAdam (their state holds ``exp_avg`` and
-    ``exp_avg_sq``), else the optimizer's own rule; ``pipeoptim``: the optimizer's own rule.
+    ``exp_avg_sq``), else the optimizer's own rule; ``pipeoptim``, ``pipeoptim-lean``: the
+    optimizer's own rule.
     """
     method = check_method(method)
     if method == "spectrain":
@@ -248,7 +263,7 @@ def method_rule(method: str, optimizer: Optimizer) -> PredictionRule | None:
         if isinstance(optimizer, _ADAM_FAMILY):
             return get_rule("adam")
         return get_rule(None, optimizer)
-    if method == "pipeoptim":
+    if method in ("pipeoptim", "pipeoptim-lean"):
         return get_rule(None, optimizer)
     return None
 
@@ -269,6 +284,61 @@ class _Chunk:
     roots: list[Tensor] = field(default_factory=list)  # set by backward_input
     root_grads: list[Tensor | None] = field(default_factory=list)
     input_done: bool = False
+
+
+class _ValueOf(torch.autograd.Function):
+    """``_ValueOf.apply(leaf, value)`` is ``value`` (a view of it) in the forward, and passes its
+    gradient to ``leaf``: the forward computes at ``value``, the gradient reaches ``leaf``."""
+
+    @staticmethod
+    def forward(ctx: Any, leaf: Tensor, value: Tensor) -> Tensor:
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+@dataclass(frozen=True)
+class _WeightRef:
+    """What ``pipeoptim-lean``'s pack hook saves instead of a weight: which parameter, and the
+    view of it autograd saved."""
+
+    index: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _current_weight_hooks(weights: Sequence[Tensor], params: Sequence[Tensor]):
+    """``saved_tensors_hooks`` that save a weight of ``weights`` (or a view of one) as a reference
+    to the parameter at the same position, and unpack it as a view of the parameter's value at
+    backward time. Weights in another dtype, device or layout than their parameter, and tensors
+    computed from weights, are saved as they are."""
+    by_storage: dict[int, list[tuple[int, int, int]]] = {}
+    for i, (w, p) in enumerate(zip(weights, params)):
+        if w.dtype == p.dtype and w.stride() == p.stride() and w.device == p.device:
+            by_storage.setdefault(w.untyped_storage().data_ptr(), []).append(
+                (i, w.storage_offset(), w.numel()))
+
+    def pack(t: Tensor) -> Any:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return t
+        hits = by_storage.get(t.untyped_storage().data_ptr())
+        if hits and t.dtype == params[hits[0][0]].dtype:
+            off = t.storage_offset()
+            for i, start, numel in hits:
+                if start <= off < start + max(numel, 1):
+                    return _WeightRef(i, tuple(t.size()), tuple(t.stride()), off - start)
+        return t
+
+    def unpack(x: Any) -> Tensor:
+        if isinstance(x, _WeightRef):
+            p = params[x.index].detach()
+            return p.as_strided(x.size, x.stride, p.storage_offset() + x.offset)
+        return x
+
+    return pack, unpack
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -295,12 +365,16 @@ class StageWorker:
     gradients (see the module docstring for the methods and the gradient scaling).
 
     Forward runs ``torch.func.functional_call(module, weights, inputs)`` with the weights the
-    method prescribes as fresh leaf tensors: detached aliases of the real parameters when no
-    update can happen before the micro-batch's backward completes (``s(i) = 0``), otherwise
-    copies, predictions or the previous version (tensors nothing writes to). Autograd thus keeps
-    exactly the weights the forward used; the weight gradients are added to the real parameters'
-    ``.grad`` when the backward completes, in completion order. Parameters of the module outside
-    the optimizer are used as they are and receive no gradient; buffers are the module's own.
+    method prescribes: detached aliases of the real parameters (as leaves) when no update can
+    happen before the micro-batch's backward completes (``s(i) = 0``), otherwise copies (one per
+    version, shared by the forwards between two updates), predictions or the previous version,
+    tensors nothing writes to, passed through an identity autograd function whose leaf is an
+    alias of the parameter. Autograd thus keeps exactly the weights the forward used, and only
+    until the backward has run (a caller may keep the loss and its graph: the copies and the
+    per-micro-batch gradients are not reachable from it); the weight gradients are added to the
+    real parameters' ``.grad`` when the backward completes, in completion order. Parameters of
+    the module outside the optimizer are used as they are and receive no gradient; buffers are
+    the module's own.
 
     Contract for a caller (the simulator, or a distributed ``PipelineStage`` subclass) that must
     reproduce the simulator bit for bit:
@@ -425,6 +499,9 @@ class StageWorker:
         self._chunks: dict[int, _Chunk] = {}
         self._forwarded: set[int] = set()  # micro-batches forwarded in the current step
         self._previous: list[Tensor] | None = None  # pipedream-2bw: the version before the last
+        # (version, copy of the weights at that version): the stash shared by every forward run
+        # between the same two updates (pipedream-2bw: one buffer per version, not per forward)
+        self._stash: tuple[int, list[Tensor]] | None = None
         self._accumulated = 0  # completed backwards whose gradients sit in .grad
         #: Forwards run (all steps).
         self.num_forwards = 0
@@ -440,6 +517,29 @@ class StageWorker:
         """Micro-batches forwarded whose backward has not completed, sorted."""
         return sorted(self._chunks)
 
+    @property
+    def previous_version(self) -> list[Tensor] | None:
+        """``pipedream-2bw``'s second version: the weights before the last update, in
+        ``params`` order (``None`` before the first update and for every other method).
+
+        Part of a stage checkpoint; assigning stores detached copies. Only between steps.
+        """
+        return self._previous
+
+    @previous_version.setter
+    def previous_version(self, value: list[Tensor] | None) -> None:
+        if self.in_flight:
+            raise RuntimeError(f"previous_version can only be set between steps; micro-batches "
+                               f"{self.in_flight} are in flight")
+        if value is not None:
+            value = list(value)
+            if len(value) != len(self.params) or any(
+                    v.shape != p.shape for v, p in zip(value, self.params)):
+                raise ValueError(f"previous_version must hold {len(self.params)} tensors shaped "
+                                 f"like the stage's parameters")
+            value = [v.detach().to(p.device, p.dtype).clone() for v, p in zip(value, self.params)]
+        self._previous = value
+
     def __repr__(self) -> str:
         return (f"StageWorker(method={self.method!r}, n_microbatches={self.n_microbatches}, "
                 f"update_every={self.update_every}, staleness={self.staleness}, "
@@ -453,8 +553,9 @@ class StageWorker:
 
     @torch.no_grad()
     def _weights(self, mb: int) -> list[Tensor]:
-        """The values forward(mb) runs on; tensors no later update writes to if s(mb) > 0."""
-        s = self.staleness[mb]
+        """The values forward(mb) runs on; tensors no later update writes to if s(mb) > 0
+        (except for the lean methods, whose backward reads the current weights anyway)."""
+        s = 0 if self.method in LEAN_METHODS else self.staleness[mb]
         ps = self.params
         if self.method == "pipedream-2bw" and s == 0 and self._previous is not None:
             return [t.detach() for t in self._previous]  # never written to: no copy needed
@@ -470,8 +571,10 @@ class StageWorker:
                     for i, c in zip(alias, copies):
                         vals[i] = c
             return vals
-        if s > 0:
-            return torch._foreach_mul(ps, 1.0)  # exact copy: the stash
+        if s > 0:  # an exact copy, shared by the forwards until the next update
+            if self._stash is None or self._stash[0] != self.num_updates:
+                self._stash = (self.num_updates, list(torch._foreach_mul(ps, 1.0)))
+            return [t.detach() for t in self._stash[1]]  # own leaves, shared storage
         return [p.detach() for p in ps]
 
     def forward(self, mb: int, *inputs: Any, **kwargs: Any) -> Any:
@@ -499,8 +602,22 @@ class StageWorker:
              if isinstance(x, Tensor) else x)
             for x in inputs
         )
-        leaves = [w.requires_grad_() for w in self._weights(mb)]
-        out = functional_call(self.module, dict(zip(self.param_names, leaves)), args, kwargs)
+        leaves, weights = [], []
+        for p, v in zip(self.params, self._weights(mb)):
+            if v.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+                leaves.append(v.requires_grad_())  # an alias of the real weight: the leaf itself
+                weights.append(leaves[-1])
+            else:  # a copy: the leaf is an alias, so only autograd's saved tensors hold the copy
+                leaves.append(p.detach().requires_grad_())  # and it dies with the backward
+                weights.append(_ValueOf.apply(leaves[-1], v))
+        if self.method in LEAN_METHODS and (self.staleness[mb] or self.horizons[mb]):
+            hooks = torch.autograd.graph.saved_tensors_hooks(
+                *_current_weight_hooks(weights, self.params))
+        else:
+            hooks = contextlib.nullcontext()
+        with hooks:
+            out = functional_call(self.module, dict(zip(self.param_names, weights)), args, kwargs)
+        del weights  # predictions and copies: referenced by autograd only (lean: not at all)
         outputs = _flatten(out)
         self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates)
         self._forwarded.add(mb)
@@ -573,6 +690,8 @@ class StageWorker:
             torch.autograd.backward(roots, grads, inputs=wanted)
         in_grads = tuple(x.grad if isinstance(x, Tensor) and x.requires_grad else None
                          for x in chunk.inputs)
+        for x in ins:  # returned, not kept: the graph may outlive the call
+            x.grad = None
         self._complete(mb, chunk)
         return in_grads
 
@@ -619,6 +738,8 @@ class StageWorker:
             p.grad = g
         if acc_p:
             torch._foreach_add_(acc_p, acc_g)
+        for leaf in chunk.leaves:  # the graph (e.g. a loss the caller keeps) still reaches the
+            leaf.grad = None       # leaves: do not let it keep a gradient per micro-batch
         chunk.leaves.clear()
         self.num_backwards += 1
         self._accumulated += 1
@@ -634,8 +755,11 @@ class StageWorker:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, float(u))
-        if self.method == "pipedream-2bw":
-            self._previous = torch._foreach_mul(self.params, 1.0)
+        if self.method == "pipedream-2bw":  # the version being replaced: the stash if any
+            stash = self._stash
+            self._previous = (stash[1] if stash is not None and stash[0] == self.num_updates
+                              else list(torch._foreach_mul(self.params, 1.0)))
+        self._stash = None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0

@@ -40,9 +40,11 @@ from torch.optim import Optimizer
 
 from .pb import (
     PB_METHODS,
+    PB_PREDICTING,
     PB_SCHEDULE,
     pb_delays,
     pb_global_order,
+    pb_horizons,
     pb_method,
     pb_optimizer,
     pb_staleness,
@@ -61,7 +63,7 @@ __all__ = [
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
 #: Generic methods that run on the ``"PB"`` schedule (one update per completed backward).
-_PB_GENERIC = ("sequential", "pipedream", "spectrain", "pipeoptim")
+_PB_GENERIC = ("sequential", "pipedream", "spectrain", "pipeoptim", "pipeoptim-lean")
 
 
 def _check_sim_method(method: Any) -> str:
@@ -110,7 +112,8 @@ class PipelineSimulator:
             :class:`~predictopt.PredictiveOptimizer`.
         method: One of :data:`~predictopt.pipeline.semantics.METHODS` or of
             :data:`~predictopt.pipeline.pb.PB_METHODS` (``pb``, ``pb-sc``, ``pb-lwp``,
-            ``pb-sc-lwp``: ``schedule="PB"`` only; ``make_optimizer`` must then return a
+            ``pb-sc-lwp`` and their ``-lean`` twins without weight stashing:
+            ``schedule="PB"`` only; ``make_optimizer`` must then return a
             ``torch.optim.SGD`` with momentum, which ``pb-sc*`` turn into a
             :class:`~predictopt.spike.SpikeCompensatedSGD` with the stage's delay $D_k$, see
             :func:`~predictopt.pipeline.pb.pb_optimizer`).
@@ -206,8 +209,9 @@ class PipelineSimulator:
         if self.method == "pipedream-2bw" and u < num_stages and u != n:
             raise ValueError(f"update_every must be >= the number of stages ({num_stages}) "
                              f"for pipedream-2bw, got {u}")
-        if horizons is not None and worker_method not in PREDICTING_METHODS:
-            raise ValueError(f"horizons apply to {PREDICTING_METHODS + PB_METHODS[2:]} only")
+        if horizons is not None and (worker_method not in PREDICTING_METHODS or (
+                is_pb_method and self.method not in PB_PREDICTING)):
+            raise ValueError(f"horizons apply to {PREDICTING_METHODS + PB_PREDICTING} only")
         if rule is not None and (is_pb_method or worker_method not in PREDICTING_METHODS):
             raise ValueError(f"rule applies to {PREDICTING_METHODS} only (the PB methods fix "
                              "their own)")
@@ -249,7 +253,8 @@ class PipelineSimulator:
                 staleness=self.staleness[k],
                 update_every=u,
                 rule=pb_rule if is_pb_method else rule,
-                horizons=horizons.get(k),
+                horizons=(pb_horizons(self.method, self.staleness[k])
+                          if is_pb_method and k not in horizons else horizons.get(k)),
                 input_grads=k > 0,
             ))
 
