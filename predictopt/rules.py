@@ -316,31 +316,52 @@ class AdamaxRule(PredictionRule):
 
 
 class NAdamRule(AdamRule):
-    r"""NAdam: the Nesterov-weighted Adam direction with the gradient estimated by $\hat m_t$.
+    r"""NAdam: the direction of torch's next NAdam update, $T = t+1$, with the gradient
+    estimated by $\hat m_t = m_t/(1-\beta_1^t)$.
 
-    torch's NAdam applies
-    $\eta\,[\frac{1-\mu_t}{1-\Pi_t} g_t + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}} m_t] /
-    (\sqrt{\hat v_t}+\epsilon)$ with $\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})$ and
-    $\Pi_t = \prod_{j\le t}\mu_j$ (``mu_product``). The state does not hold $g_t$;
-    the rule uses its smoothed estimate $\hat m_t = m_t/(1-\beta_1^t)$ (repeating the last,
-    noisy gradient predicts worse than the stale weights). Decoupled decay as in `AdamRule`.
+    torch's NAdam applies at step $T$
+    $\eta\,[\frac{1-\mu_T}{1-\Pi_T} g_T + \frac{\mu_{T+1}}{1-\Pi_T\mu_{T+1}} m_T] /
+    (\sqrt{\hat v_T}+\epsilon)$ with $\mu_T = \beta_1 (1 - \tfrac12 0.96^{T\psi})$ and
+    $\Pi_T = \prod_{j\le T}\mu_j$ (``mu_product``, $\Pi_T = \Pi_t\mu_T$). The rule puts
+    $g_T \approx \hat m_t$ (the last, noisy gradient is not in the state, and repeating it
+    would predict worse than the stale weights), hence
+    $m_T \approx \beta_1 m_t + (1-\beta_1)\hat m_t$ and $\hat v_T \approx \hat v_t$:
+
+    $$
+    D = \Big[\frac{1-\mu_T}{(1-\Pi_T)(1-\beta_1^t)}
+        + \frac{\mu_{T+1}}{1-\Pi_T\mu_{T+1}}\Big(\beta_1 + \frac{1-\beta_1}{1-\beta_1^t}\Big)\Big]
+        \frac{m_t}{\sqrt{\hat v_t}+\epsilon}.
+    $$
+
+    Under a constant gradient every estimate is exact, and so is the one-step prediction.
+    Decoupled decay as in `AdamRule`.
     """
 
     name = "nadam"
 
     def directions(self, group, params, states):
-        ps, m, v, steps, mu_prods = _adam_state(group, params, states, "exp_avg_sq",
-                                                "mu_product")
+        ps, m, v, steps, _ = _adam_state(group, params, states, "exp_avg_sq")
         if not ps:
             return ps, []
+        mu_prods = [st["mu_product"] for st in states  # the filter of _adam_state, raw values
+                    if "exp_avg" in st and _value(st["step"]) > 0]
         beta1, beta2 = (_value(b) for b in group["betas"])
         psi = _value(group.get("momentum_decay", 4e-3))
         coef = []
+        products: dict[tuple, float] = {}
         for t, prod in zip(steps, mu_prods):
-            mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
-            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-            coef.append((1.0 - mu) / (1.0 - prod) / (1 - beta1**t)
-                        + mu_next / (1.0 - prod * mu_next))
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))  # mu_T, T = t + 1
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 2) * psi))  # mu_{T+1}
+            if isinstance(prod, Tensor):  # Pi_T = Pi_t * mu_T in the state's dtype, as torch
+                key = (float(prod), prod.dtype, mu)
+                if key not in products:
+                    products[key] = float(prod.detach().cpu() * mu)
+                prod = products[key]
+            else:
+                prod = prod * mu
+            bc1 = 1 - beta1**t
+            coef.append((1.0 - mu) / (1.0 - prod) / bc1
+                        + mu_next / (1.0 - prod * mu_next) * (beta1 + (1 - beta1) / bc1))
         denom = _adam_denominators(v, [math.sqrt(1 - beta2**t) for t in steps],
                                    _value(group["eps"]))
         return ps, Quotient(m, denom, [1.0 / c for c in coef])

@@ -64,13 +64,16 @@ def test_constant_gradient_is_exact(name, shapes, dtype, lr, steps, warmup, seed
                                           steps=steps, warmup=warmup)
 
 
-@pytest.mark.parametrize("name", ["radam", "radam-decoupled"])
+@pytest.mark.parametrize("name", ["radam", "radam-decoupled", "nadam", "nadam-decoupled",
+                                  "nadam-maximize"])
 @PROPS
 @given(shapes=testing.shapes(), dtype=st.sampled_from([torch.float32, torch.float64]),
        lr=testing.learning_rates(), warmup=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_radam_one_step_is_exact_across_its_regime_switch(name, shapes, dtype, lr, warmup, seed):
-    """RAdam's rule predicts the *next* update's regime and rectification: the one-step prediction
-    is exact under a constant gradient, also at t = 5 -> 6 where RAdam turns adaptive."""
+def test_step_dependent_rules_are_exact_for_one_step(name, shapes, dtype, lr, warmup, seed):
+    """RAdam's and NAdam's updates change with the step count; their rules predict the *next*
+    update's (RAdam: regime and rectification, also at t = 5 -> 6 where it turns adaptive;
+    NAdam: mu_{t+1}, mu_{t+2}, the momentum product): the one-step prediction is exact under a
+    constant gradient."""
     factory, _ = OPTIMIZERS[name]
     testing.check_constant_gradient_exact(lambda ps: factory(ps, lr),
                                           testing.make_params(shapes, dtype, seed),
