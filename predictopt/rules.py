@@ -249,7 +249,8 @@ def state_tensors(params: list[Tensor], states: list[dict], key: str) -> Directi
 def _adam_state(group, params, states, second: str, scalar: str | None = None
                 ) -> tuple[list, list, list, list, list]:
     """Parameters with an Adam-style state: ``(ps, exp_avg, state[second], steps, scalars)``,
-    where ``scalars`` holds ``state[scalar]`` as floats (empty when ``scalar`` is None)."""
+    where ``scalars`` holds ``state[scalar]`` as stored, tensor or float (empty when ``scalar``
+    is None)."""
     ps, m, v, steps, scalars = [], [], [], [], []
     for p, st in zip(params, states):
         if "exp_avg" in st and _value(st["step"]) > 0:
@@ -258,7 +259,7 @@ def _adam_state(group, params, states, second: str, scalar: str | None = None
             v.append(st[second])
             steps.append(_value(st["step"]))
             if scalar is not None:
-                scalars.append(_value(st[scalar]))
+                scalars.append(st[scalar])
     return ps, m, v, steps, scalars
 
 
@@ -340,11 +341,10 @@ class NAdamRule(AdamRule):
     name = "nadam"
 
     def directions(self, group, params, states):
-        ps, m, v, steps, _ = _adam_state(group, params, states, "exp_avg_sq")
+        ps, m, v, steps, mu_prods = _adam_state(group, params, states, "exp_avg_sq",
+                                                "mu_product")
         if not ps:
             return ps, []
-        mu_prods = [st["mu_product"] for st in states  # the filter of _adam_state, raw values
-                    if "exp_avg" in st and _value(st["step"]) > 0]
         beta1, beta2 = (_value(b) for b in group["betas"])
         psi = _value(group.get("momentum_decay", 4e-3))
         coef = []

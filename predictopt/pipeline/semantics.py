@@ -286,17 +286,20 @@ class _Chunk:
     input_done: bool = False
 
 
-class _ValueOf(torch.autograd.Function):
-    """``_ValueOf.apply(leaf, value)`` is ``value`` (a view of it) in the forward, and passes its
-    gradient to ``leaf``: the forward computes at ``value``, the gradient reaches ``leaf``."""
+class _ValuesOf(torch.autograd.Function):
+    """``_ValuesOf.apply(n, *leaves, *values)`` is ``values`` (views of them) in the forward and
+    passes each one's gradient to the leaf at the same position: the forward computes at the
+    values, the gradients reach the leaves. One autograd node for all ``n`` tensors."""
 
     @staticmethod
-    def forward(ctx: Any, leaf: Tensor, value: Tensor) -> Tensor:
-        return value.view_as(value)
+    def forward(ctx: Any, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused weight keeps a None gradient
+        ctx.n = n
+        return tuple(v.view_as(v) for v in tensors[n:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return (None, *grads) + (None,) * ctx.n
 
 
 @dataclass(frozen=True)
@@ -602,14 +605,22 @@ class StageWorker:
              if isinstance(x, Tensor) else x)
             for x in inputs
         )
-        leaves, weights = [], []
-        for p, v in zip(self.params, self._weights(mb)):
-            if v.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
-                leaves.append(v.requires_grad_())  # an alias of the real weight: the leaf itself
-                weights.append(leaves[-1])
-            else:  # a copy: the leaf is an alias, so only autograd's saved tensors hold the copy
-                leaves.append(p.detach().requires_grad_())  # and it dies with the backward
-                weights.append(_ValueOf.apply(leaves[-1], v))
+        values = self._weights(mb)
+        # an alias of the real weight is its own leaf; a copy gets an alias of the parameter as
+        # its leaf, so that only autograd's saved tensors hold the copy (it dies with the backward)
+        copies = [i for i, (p, v) in enumerate(zip(self.params, values))
+                  if v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()]
+        leaves = list(values)
+        for i in copies:
+            leaves[i] = self.params[i].detach()
+        for leaf in leaves:
+            leaf.requires_grad_()
+        weights = list(leaves)
+        if copies:
+            views = _ValuesOf.apply(len(copies), *(leaves[i] for i in copies),
+                                    *(values[i] for i in copies))
+            for i, w in zip(copies, views):
+                weights[i] = w
         if self.method in LEAN_METHODS and (self.staleness[mb] or self.horizons[mb]):
             hooks = torch.autograd.graph.saved_tensors_hooks(
                 *_current_weight_hooks(weights, self.params))
@@ -617,7 +628,7 @@ class StageWorker:
             hooks = contextlib.nullcontext()
         with hooks:
             out = functional_call(self.module, dict(zip(self.param_names, weights)), args, kwargs)
-        del weights  # predictions and copies: referenced by autograd only (lean: not at all)
+        del values, weights  # copies: referenced by autograd only (lean: not at all)
         outputs = _flatten(out)
         self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates)
         self._forwarded.add(mb)
