@@ -125,7 +125,8 @@ def test_steady_state_overlaps_forward_and_backward_of_different_samples():
 def test_pb_one_stage_equals_per_sample_momentum_sgd():
     x, y = data()
     sim, losses = run("pb", x, y, num_stages=1, epochs=2)
-    assert sim.max_staleness == 0 and sim.worker_method == "pipedream"
+    assert sim.max_staleness == 0 and sim.spec.forward == "current"
+    assert sim.spec.backward == "forward" and not sim.spec.predicts
     (model,) = mlp_stages(x.shape[1], 6, 3, 1, activation="tanh", seed=0)
     opt = sgd(model.parameters())
     ref = []
@@ -186,7 +187,10 @@ def test_lean_twins_differ_only_in_the_backward_weights(stashed):
     b, lb = run(stashed + "-lean", x, y, num_stages=3, epochs=1)
     assert la[0] == lb[0]  # the first sample's forward precedes every update
     assert la != lb and any(not torch.equal(u, v) for u, v in zip(params(a), params(b)))
-    assert [w.method for w in b.workers] == ["pipeoptim-lean"] * 3
+    assert [w.method for w in b.workers] == [stashed + "-lean"] * 3
+    assert all(w.spec.backward == "current" for w in b.workers)
+    assert all(w.spec.forward == ("predicted" if "lwp" in stashed else "current")
+               for w in b.workers)
     expect_h = (lambda w: w.staleness) if "lwp" in stashed else (lambda w: [0] * len(w.staleness))
     assert all(w.horizons == expect_h(w) for w in b.workers)
 

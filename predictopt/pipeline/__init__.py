@@ -1,16 +1,24 @@
 """Pipeline-parallel helpers: schedule action orders, per-stage staleness and timelines, the
+methods (:mod:`~predictopt.pipeline.methods`, one registry of :class:`Method` values), the
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
+from predictopt.pipeline.methods import (
+    Cadence,
+    Method,
+    StageContext,
+    StageTransform,
+    UpdateContext,
+    available_methods,
+    get_method,
+    register_method,
+)
 from predictopt.pipeline.pb import (
     PB_METHODS,
     PB_PREDICTING,
     PB_SCHEDULE,
     pb_delays,
     pb_global_order,
-    pb_horizons,
     pb_local_orders,
-    pb_method,
-    pb_optimizer,
     pb_staleness,
     pb_ticks,
 )
@@ -73,12 +81,17 @@ __all__ = [
     "PB_SCHEDULE",
     "pb_delays",
     "pb_global_order",
-    "pb_horizons",
     "pb_local_orders",
-    "pb_method",
-    "pb_optimizer",
     "pb_staleness",
     "pb_ticks",
+    "Cadence",
+    "Method",
+    "StageContext",
+    "StageTransform",
+    "UpdateContext",
+    "available_methods",
+    "get_method",
+    "register_method",
 ]
 
 # The distributed runtime imports torch.distributed.pipelining (slow to import): load it lazily.

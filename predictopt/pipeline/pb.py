@@ -38,42 +38,22 @@ samples come in the epoch's shuffled order.
 
 Methods
 -------
-All run momentum SGD per stage (the paper's setting). The first four stash weights: the backward
-differentiates through exactly the weights its forward used. Their ``-lean`` twins do not: the
-backward of a sample reads the stage's weights *at backward time*, $D_k$ updates after its
-forward (worker method ``pipeoptim-lean``), so besides the gradient delay each backward
-differentiates through other weights than its forward's. They map onto
-:class:`~predictopt.pipeline.semantics.StageWorker` methods:
-
-``pb``
-    Plain PB: forward on the current weights (worker method ``pipedream``), ``torch.optim.SGD``.
-``pb-sc``
-    Spike Compensation: the stage's SGD becomes a
-    :class:`~predictopt.spike.SpikeCompensatedSGD` with ``delay`` $= D_k$, the steady-state
-    delay (``pipedream``): $w \leftarrow w - \eta (a v + b g)$, $a = m^{D_k}$,
-    $b = (1 - m^{D_k}) / (1 - m)$.
-``pb-lwp``
-    Linear Weight Prediction: forward on $\hat w = w - \eta\,s\,v$ with the momentum buffer
-    $v$ and the horizon $s = \min(i, D_k)$, the staleness of that sample (worker method
-    ``pipeoptim`` with the ``"sgd"`` rule).
-``pb-sc-lwp``
-    Both: a ``SpikeCompensatedSGD`` stage optimizer and the same prediction $w - \eta\,s\,v$
-    (the rule reads the velocity, which Spike Compensation keeps exactly as SGD does).
-``pb-lean``, ``pb-sc-lean``, ``pb-lwp-lean``, ``pb-sc-lwp-lean``
-    The same four without weight stashing (the paper's PB, whose point is to keep one weight
-    copy per stage): forward as above, backward on the current weights. Linear Weight
-    Prediction then also shrinks the mismatch between the forward's and the backward's weights.
+The methods that run on this schedule are the registry's entries with ``schedules = ("PB",)``
+(:mod:`predictopt.pipeline.catalog`): ``pb`` (weight stashing), ``pb-sc`` (Spike
+Compensation: the stage's SGD becomes a :class:`~predictopt.spike.SpikeCompensatedSGD` with
+``delay`` $= D_k$), ``pb-lwp`` (Linear Weight Prediction: forward on
+$\hat w = w - \eta\,s\,v$ with the momentum buffer $v$ and the horizon $s = \min(i, D_k)$),
+``pb-sc-lwp`` (both), and their ``-lean`` twins without weight stashing (the backward of a sample
+reads the stage's weights at backward time, as the paper's PB, which keeps one weight copy per
+stage). All run momentum SGD per stage (the paper's setting). The generic methods with one update
+per micro-batch (``sequential``, ``pipedream``, ``spectrain``, ``pipeoptim``, ...) run on it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch.optim import Optimizer
-
-from ..spike import SpikeCompensatedSGD
+from .methods import available_methods, get_method
 from .schedules import Action
 
 __all__ = [
@@ -83,32 +63,17 @@ __all__ = [
     "pb_delays",
     "pb_global_order",
     "pb_local_orders",
-    "pb_method",
-    "pb_optimizer",
     "pb_staleness",
     "pb_ticks",
 ]
 
 #: The schedule name of Pipelined Backpropagation in the simulator.
 PB_SCHEDULE = "PB"
-#: The Pipelined Backpropagation methods (``PipelineSimulator`` and ``predictopt compare``).
-PB_METHODS: tuple[str, ...] = ("pb", "pb-sc", "pb-lwp", "pb-sc-lwp", "pb-lean", "pb-sc-lean",
-                                "pb-lwp-lean", "pb-sc-lwp-lean")
+#: The built-in methods that run on the PB schedule only.
+PB_METHODS: tuple[str, ...] = tuple(m for m in available_methods()
+                                    if get_method(m).schedules == (PB_SCHEDULE,))
 #: The PB methods whose forwards run on predicted weights (Linear Weight Prediction).
-PB_PREDICTING: tuple[str, ...] = ("pb-lwp", "pb-sc-lwp", "pb-lwp-lean", "pb-sc-lwp-lean")
-
-# method -> (StageWorker method, Spike Compensation, prediction rule)
-_SPECS: dict[str, tuple[str, bool, str | None]] = {
-    "pb": ("pipedream", False, None),
-    "pb-sc": ("pipedream", True, None),
-    "pb-lwp": ("pipeoptim", False, "sgd"),
-    "pb-sc-lwp": ("pipeoptim", True, "sgd"),
-    # no weight stashing: the backward reads the current weights (horizons 0 without LWP)
-    "pb-lean": ("pipeoptim-lean", False, "sgd"),
-    "pb-sc-lean": ("pipeoptim-lean", True, "sgd"),
-    "pb-lwp-lean": ("pipeoptim-lean", False, "sgd"),
-    "pb-sc-lwp-lean": ("pipeoptim-lean", True, "sgd"),
-}
+PB_PREDICTING: tuple[str, ...] = tuple(m for m in PB_METHODS if get_method(m).predicts)
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -206,65 +171,3 @@ def pb_staleness(num_stages: int, n_samples: int) -> dict[int, list[int]]:
                 updates += 1
         result[k] = [s[i] for i in range(n_samples)]
     return result
-
-
-def pb_method(method: Any) -> tuple[str, bool, str | None]:
-    """``(StageWorker method, spike compensation, prediction rule)`` of a PB method.
-
-    Raises:
-        ValueError: not one of :data:`PB_METHODS`.
-    """
-    if not isinstance(method, str) or method not in _SPECS:
-        raise ValueError(f"method must be one of {', '.join(PB_METHODS)}; got {method!r}")
-    return _SPECS[method]
-
-
-def pb_horizons(method: str, staleness: Sequence[int]) -> list[int] | None:
-    """The prediction horizons a PB method gives a stage's worker: ``None`` (the staleness,
-    the worker's default) for the Linear Weight Prediction methods, zeros for the others.
-
-    Raises:
-        ValueError: not one of :data:`PB_METHODS`.
-    """
-    worker, _, _ = pb_method(method)
-    if method in PB_PREDICTING or worker != "pipeoptim-lean":
-        return None
-    return [0] * len(staleness)
-
-
-def pb_optimizer(method: str, optimizer: Optimizer, delay: int) -> Optimizer:
-    r"""Check a stage's optimizer for a PB method; with Spike Compensation, convert it.
-
-    The PB methods run momentum SGD: ``optimizer`` must be a ``torch.optim.SGD`` (or
-    :class:`~predictopt.spike.SpikeCompensatedSGD`) with ``momentum > 0`` in every group and
-    no state yet. The methods without Spike Compensation return it as it is; ``pb-sc*`` return a
-    ``SpikeCompensatedSGD`` over the same parameter groups with the same hyperparameters and
-    ``delay`` set to the stage's $D_k$ in every group.
-
-    Args:
-        method: One of :data:`PB_METHODS`.
-        optimizer: The freshly built stage optimizer.
-        delay: The stage's steady-state delay $D_k$.
-
-    Raises:
-        ValueError: another optimizer class, a group without momentum, an optimizer with state,
-            or (Spike Compensation) SGD options it does not support (``nesterov``,
-            ``dampening``).
-    """
-    _, spike, _ = pb_method(method)
-    _check_int(delay, "delay", 0)
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"method {method!r} runs momentum SGD: make_optimizer must return a "
-                         f"torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}")
-    if any(not g.get("momentum", 0) for g in optimizer.param_groups):
-        raise ValueError(f"method {method!r} runs momentum SGD: every parameter group needs "
-                         "momentum > 0")
-    if len(optimizer.state):
-        raise ValueError(f"method {method!r}: the stage optimizer must be fresh (no state)")
-    if not spike:
-        return optimizer
-    groups: Sequence[dict[str, Any]] = [
-        {**{k: v for k, v in g.items() if k not in ("differentiable", "fused")}, "delay": delay}
-        for g in optimizer.param_groups
-    ]
-    return SpikeCompensatedSGD(groups, lr=groups[0]["lr"])

@@ -86,6 +86,8 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.optim import Optimizer
 
+from ..optimizer import PredictiveOptimizer
+from .methods import Method, get_method
 from .schedules import (
     _SCHEDULES,
     _convert_torch_action,
@@ -94,8 +96,7 @@ from .schedules import (
     stage_to_rank,
     staleness,
 )
-from .semantics import StageWorker, check_method
-from .simulator import default_update_every
+from .semantics import StageWorker
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -328,21 +329,11 @@ def _tensor_leaves(obj: Any) -> list[Tensor]:
     return []
 
 
-def _resolve_update_every(method: str, update_every: int | None, num_stages: int,
+def _resolve_update_every(spec: Method, update_every: int | None, num_stages: int,
                           n: int) -> int:
-    default_u = default_update_every(method, num_stages, n)
     if update_every is None:
-        return default_u
-    u = update_every
-    if method not in ("pipedream-2bw", "xpipe") and u != default_u:
-        raise ValueError(f"update_every must be {default_u} for method {method!r} with "
-                         f"{n} micro-batches, got {u}")
-    if n % u:
-        raise ValueError(f"update_every ({u}) must divide n_microbatches ({n})")
-    if method == "pipedream-2bw" and u < num_stages and u != n:
-        raise ValueError(f"update_every must be >= the number of stages ({num_stages}) for "
-                         f"pipedream-2bw, got {u}")
-    return u
+        return spec.cadence.default(num_stages, n)
+    return spec.cadence.check(update_every, num_stages, n, spec.name)
 
 
 class PredictiveStage(PipelineStage):
@@ -411,10 +402,13 @@ class PredictiveStage(PipelineStage):
         horizons: Sequence[int] | None = None,
         **stage_kwargs: Any,
     ) -> None:
-        method = check_method(method)
-        if method == "sequential":
-            raise ValueError("method 'sequential' is the single-process reference (no pipeline); "
-                             "use predictopt.pipeline.PipelineSimulator for it")
+        spec = get_method(method)
+        if spec.staleness_free:
+            raise ValueError(f"method {spec.name!r} is the single-process reference (no "
+                             "pipeline); use predictopt.pipeline.PipelineSimulator for it")
+        if spec.schedules is not None:
+            raise ValueError(f"method {spec.name!r} runs on schedule "
+                             f"{', '.join(spec.schedules)} only, which torch does not provide")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
         if stage_kwargs.get("dw_builder") is not None:
@@ -431,7 +425,8 @@ class PredictiveStage(PipelineStage):
                             "bypasses DDP/FSDP; pass the bare stage module")
         super().__init__(submodule, stage_index, num_stages, torch.device(device),
                          **stage_kwargs)
-        self.method = method
+        self.spec: Method = spec
+        self.method: str = spec.name
         self.optimizer = optimizer
         self._update_every_arg = update_every
         self._rule = rule
@@ -459,16 +454,21 @@ class PredictiveStage(PipelineStage):
                 raise RuntimeError(f"stage {self.stage_index}: cannot attach to another schedule "
                                    f"with micro-batches {self.worker.in_flight} in flight")
             previous = self.worker.previous_version
-        u = _resolve_update_every(self.method, self._update_every_arg, self.num_stages, n)
+        u = _resolve_update_every(self.spec, self._update_every_arg, self.num_stages, n)
         table = staleness(name, k_ranks, n, stages_per_rank=spr, update_every=u)
         if self._horizons is not None and len(self._horizons) != n:
             raise ValueError(f"horizons must hold one entry per micro-batch ({n}), got "
                              f"{len(self._horizons)}")
         self.worker = StageWorker(
-            self.submod, self.optimizer, method=self.method,
+            self.submod, self.optimizer, method=self.spec,
             staleness=table[self.stage_index], update_every=u, rule=self._rule,
             horizons=self._horizons, input_grads=not self.is_first,
+            stage=self.stage_index, num_stages=self.num_stages,
         )
+        # a method may convert the optimizer (Spike Compensation, Nesterov): keep the converted
+        # one, so that checkpoints and a later re-attach see its state
+        if not isinstance(self.optimizer, PredictiveOptimizer):
+            self.optimizer = self.worker.optimizer.optimizer
         if previous is not None:
             self.worker.previous_version = previous
         self._pending_previous = None

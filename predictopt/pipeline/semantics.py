@@ -27,38 +27,18 @@ run time: a mismatch means the executed order is not the one the table was compu
 
 Methods
 -------
-``sequential``
-    No pipeline: one update per micro-batch, ``s = 0`` (the staleness-free ideal).
-``gpipe``
-    Synchronous flush: ``u = n``, one update per step from the mean gradient of all micro-batches.
-``pipedream``
-    ``u = 1``; forward and backward on the weights the forward saw (weight stashing), no
-    prediction: the gradient is ``s(i)`` versions stale.
-``pipedream-2bw``
-    Double buffering, ``u = m >= num_stages``: every micro-batch runs on the version one update
-    older than the synchronous one, :math:`W_{t+1} = W_t - \text{step}(\nabla f(W_{t-1}))`
-    (:math:`W_{-1} = W_0`). A micro-batch with ``s = 0`` uses the previous buffer, one with
-    ``s = 1`` the current weights; ``s >= 2`` would need a third buffer and is rejected.
-``spectrain``
-    ``u = 1``; forward on weights predicted ``s(i)`` updates ahead along the first moment
-    (rule ``"first-moment"``: the momentum buffer of SGD / RMSprop, the bias-corrected
-    ``exp_avg`` of the Adam family; otherwise the optimizer's own rule). SpecTrain's separate
-    backward-time prediction is not modelled: the backward uses the forward's weights.
-``xpipe``
-    ``u = T`` micro-batches per update; Adam-style prediction (rule ``"adam"`` for Adam, AdamW,
-    NAdam and RAdam, otherwise the optimizer's own rule), ``s(i)`` from the table computed with
-    ``update_every = T``.
-``pipeoptim``
-    ``u = 1``; forward on weights predicted ``s(i)`` updates ahead with the optimizer's own rule.
-``pipeoptim-lean``
-    PipeOptim as its paper runs it: forward as ``pipeoptim``, but the backward uses the stage's
-    *current* weights (those at the time the backward runs), so no weight version is kept per
-    micro-batch in flight: at most two copies per stage (the real weights and, during a forward,
-    one prediction), against one per in-flight micro-batch for ``pipedream`` and ``pipeoptim``.
+What a micro-batch's forward and backward see and how the stage updates is the
+:class:`~predictopt.pipeline.methods.Method` the worker runs (a name of the registry,
+:func:`~predictopt.pipeline.methods.available_methods`, or a ``Method`` value): its ``forward``
+source (the current weights, the previous version, or weights predicted ``h(i)`` updates ahead),
+its ``backward`` source (the forward's weights, or the current ones), its update cadence, its
+prediction rule and its per-stage transforms (:mod:`predictopt.pipeline.transforms`). The
+built-in methods are in :mod:`predictopt.pipeline.catalog`.
 
-In every method but ``pipeoptim-lean`` the backward of a micro-batch differentiates through
-exactly the weights its forward used (autograd keeps them), and the gradient is applied to the
-real weights. ``pipeoptim-lean`` runs its forwards under a ``saved_tensors_hooks`` pair that
+With ``backward = "forward"`` the backward of a micro-batch differentiates through exactly the
+weights its forward used (autograd keeps them), and the gradient is applied to the real weights.
+With ``backward = "current"`` (``pipeoptim-lean``, the ``pb-*-lean`` methods, ``pipemare``) the
+forwards run under a ``saved_tensors_hooks`` pair that
 saves, instead of a weight (or a view of one), a reference to the parameter, and gives autograd the
 parameter's value at backward time; the activations autograd saves are the forward's. A tensor
 the module *computes* from a weight (a scaled copy, an autocast cast) is saved as computed.
@@ -110,15 +90,16 @@ from torch.optim import Optimizer
 
 from ..optimizer import PredictiveOptimizer
 from ..prediction import predict
-from ..rules import (
-    AdamRule,
-    ObservedUpdateRule,
-    PredictionRule,
-    _value,
-    available_rules,
-    get_rule,
-    register_rule,
-    state_tensors,
+from ..rules import PredictionRule, get_rule
+from . import catalog
+from .catalog import FirstMomentRule
+from .methods import (
+    Method,
+    StageContext,
+    StageTransform,
+    UpdateContext,
+    available_methods,
+    get_method,
 )
 
 __all__ = [
@@ -131,141 +112,31 @@ __all__ = [
     "method_rule",
 ]
 
-#: Training methods accepted by :class:`StageWorker` and the simulator.
-METHODS: tuple[str, ...] = (
-    "sequential",
-    "gpipe",
-    "pipedream",
-    "pipedream-2bw",
-    "spectrain",
-    "xpipe",
-    "pipeoptim",
-    "pipeoptim-lean",
-)
-#: Methods whose forwards run on predicted weights.
-PREDICTING_METHODS: tuple[str, ...] = ("spectrain", "xpipe", "pipeoptim", "pipeoptim-lean")
-#: Methods whose backwards use the stage's current weights instead of the forward's.
-LEAN_METHODS: tuple[str, ...] = ("pipeoptim-lean",)
-_PER_MICROBATCH = ("sequential", "pipedream", "spectrain", "pipeoptim", "pipeoptim-lean")
+_ = catalog  # the built-in methods are registered on import
+_BASE_CORRECT = StageTransform.correct_gradients
+_BASE_AFTER = StageTransform.after_step
+
+#: The built-in methods that run on torch's pipeline schedules (and ``sequential``), by name.
+METHODS: tuple[str, ...] = tuple(
+    m for m in available_methods() if get_method(m).schedules is None)
+#: Built-in methods whose forwards run on predicted weights.
+PREDICTING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if get_method(m).predicts)
+#: Built-in methods whose backwards use the stage's current weights instead of the forward's.
+LEAN_METHODS: tuple[str, ...] = tuple(m for m in METHODS if get_method(m).backward == "current")
 
 
 def check_method(method: Any) -> str:
-    """Return ``method`` if it is one of :data:`METHODS`.
+    """The name of a registered method (or of a :class:`Method` value).
 
     Raises:
-        ValueError: anything else (the message lists the accepted names).
+        ValueError: anything else (the message lists the registered names).
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    return method
+    return get_method(method).name
 
 
-# ---------------------------------------------------------------------------------------------
-# The SpecTrain rule
-# ---------------------------------------------------------------------------------------------
-
-
-def _has_first_moment(group: dict[str, Any]) -> bool:
-    """Whether the group's optimizer keeps a first moment (Adam family or momentum > 0)."""
-    return "betas" in group or bool(_value(group.get("momentum", 0.0)))
-
-
-class FirstMomentRule(PredictionRule):
-    r"""SpecTrain's direction, the first moment, whatever the optimizer.
-
-    * Adam family (groups with ``betas``: Adam, AdamW, NAdam, RAdam, Adamax...): the bias-corrected
-      first moment :math:`D = m_t / (1 - \beta_1^t)`; decoupled decay as in
-      :class:`~predictopt.rules.AdamRule`.
-    * SGD / RMSprop with ``momentum > 0``: the momentum buffer :math:`D = b_t` (torch folds
-      ``maximize`` into the buffer, so it is the applied direction as it is).
-    * Otherwise: the ``fallback`` rule (the optimizer's own; the generic observed-update rule for
-      the registered instance).
-
-    For Adam this is the smoothed gradient, not Adam's normalised step, so the prediction is
-    scaled differently from the real updates: it is SpecTrain's rule applied as published, kept
-    as a baseline.
-
-    Args:
-        fallback: The rule for groups without a first moment.
-    """
-
-    name = "first-moment"
-
-    def __init__(self, fallback: PredictionRule | None = None) -> None:
-        if fallback is not None and not isinstance(fallback, PredictionRule):
-            raise TypeError(f"fallback must be a PredictionRule, got {type(fallback)!r}")
-        self.fallback = fallback if fallback is not None else ObservedUpdateRule()
-
-    def observes(self, group: dict[str, Any]) -> bool:
-        return not _has_first_moment(group) and self.fallback.observes(group)
-
-    def record(self, group, params, states, before) -> None:
-        """Delegate the observed-update bookkeeping to the fallback (groups without a moment)."""
-        self.fallback.record(group, params, states, before)  # type: ignore[attr-defined]
-
-    def decoupled_decay(self, group: dict[str, Any]) -> float:
-        if "betas" in group:
-            return AdamRule().decoupled_decay(group)
-        if _has_first_moment(group):
-            return 0.0
-        return self.fallback.decoupled_decay(group)
-
-    def directions(self, group, params, states):
-        if not _has_first_moment(group):
-            return self.fallback.directions(group, params, states)
-        ps: list[Tensor] = []
-        ds: list[Tensor] = []
-        if "betas" in group:
-            beta1 = _value(group["betas"][0])
-            bc1 = []
-            for p, st in zip(params, states):
-                if "exp_avg" in st and _value(st.get("step", 0)) > 0:
-                    ps.append(p)
-                    ds.append(st["exp_avg"])
-                    bc1.append(1.0 - beta1 ** _value(st["step"]))
-            if ps:
-                ds = torch._foreach_div(ds, bc1)
-            return ps, ds
-        return state_tensors(params, states, "momentum_buffer")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(fallback={self.fallback!r})"
-
-
-if "first-moment" not in available_rules():
-    register_rule("first-moment", FirstMomentRule())
-
-
-_ADAM_FAMILY = tuple(
-    cls
-    for cls in (
-        getattr(torch.optim, "Adam", None),
-        getattr(torch.optim, "AdamW", None),
-        getattr(torch.optim, "NAdam", None),
-        getattr(torch.optim, "RAdam", None),
-    )
-    if cls is not None
-)
-
-
-def method_rule(method: str, optimizer: Optimizer) -> PredictionRule | None:
-    """The prediction rule a method prescribes for a bare optimizer (``None``: no prediction).
-
-    ``spectrain``: :class:`FirstMomentRule` with the optimizer's own rule as fallback;
-    ``xpipe``: ``"adam"`` for Adam, AdamW, NAdam, RAdam (their state holds ``exp_avg`` and
-    ``exp_avg_sq``), else the optimizer's own rule; ``pipeoptim``, ``pipeoptim-lean``: the
-    optimizer's own rule.
-    """
-    method = check_method(method)
-    if method == "spectrain":
-        return FirstMomentRule(fallback=get_rule(None, optimizer))
-    if method == "xpipe":
-        if isinstance(optimizer, _ADAM_FAMILY):
-            return get_rule("adam")
-        return get_rule(None, optimizer)
-    if method in ("pipeoptim", "pipeoptim-lean"):
-        return get_rule(None, optimizer)
-    return None
+def method_rule(method: str | Method, optimizer: Optimizer) -> PredictionRule | None:
+    """The prediction rule a method prescribes for a bare optimizer (``None``: no prediction)."""
+    return get_method(method).prediction_rule(optimizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +155,7 @@ class _Chunk:
     roots: list[Tensor] = field(default_factory=list)  # set by backward_input
     root_grads: list[Tensor | None] = field(default_factory=list)
     input_done: bool = False
+    forward_weights: list[Tensor] | None = None  # kept for transforms that need them (DC-ASGD)
 
 
 class _ValuesOf(torch.autograd.Function):
@@ -425,14 +297,16 @@ class StageWorker:
         module: nn.Module,
         optimizer: Optimizer,
         *,
-        method: str,
+        method: str | Method,
         staleness: Sequence[int],
         update_every: int = 1,
         rule: str | PredictionRule | None = None,
         horizons: Sequence[int] | None = None,
         input_grads: bool = True,
+        stage: int | None = None,
+        num_stages: int | None = None,
     ) -> None:
-        self.method = check_method(method)
+        spec = get_method(method)
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module)!r}")
         if not isinstance(optimizer, Optimizer):
@@ -443,25 +317,29 @@ class StageWorker:
             raise ValueError("staleness must hold one entry per micro-batch (got none)")
         self.staleness = [_check_int(s, f"staleness[{i}]", 0) for i, s in enumerate(staleness)]
         self.n_microbatches = n = len(self.staleness)
+        if stage is not None:
+            _check_int(stage, "stage", 0)
+        if num_stages is not None:
+            _check_int(num_stages, "num_stages", 1)
         u = _check_int(update_every, "update_every", 1)
         if n % u:
             raise ValueError(f"update_every ({u}) must divide the number of micro-batches ({n})")
-        if self.method in _PER_MICROBATCH and u != 1:
-            raise ValueError(f"update_every must be 1 for method {self.method!r}, got {u}")
-        if self.method == "gpipe" and u != n:
-            raise ValueError(f"update_every must be n_microbatches ({n}) for gpipe, got {u}")
-        if self.method in ("sequential", "gpipe") and any(self.staleness):
-            raise ValueError(f"staleness must be all zero for method {self.method!r}")
-        if self.method == "pipedream-2bw" and max(self.staleness) > 1:
+        spec.cadence.check(u, num_stages or 1, n, spec.name)
+        name = spec.name
+        if (spec.staleness_free or spec.cadence.kind == "step") and any(self.staleness):
+            raise ValueError(f"staleness must be all zero for method {name!r}")
+        if spec.max_lag is not None and max(self.staleness) > spec.max_lag:
             raise ValueError(
-                f"staleness up to {max(self.staleness)} needs more than two weight buffers; "
-                "pipedream-2bw needs update_every large enough that s <= 1 (m >= num_stages)"
-            )
+                f"staleness up to {max(self.staleness)} exceeds what method {name!r} can run "
+                f"({spec.max_lag}: it keeps {spec.max_lag + 1} weight buffers); "
+                "pipedream-2bw needs update_every large enough that s <= 1 (m >= num_stages)")
+        self.spec: Method = spec
+        self.method: str = name
         self.update_every = u
-        predicting = self.method in PREDICTING_METHODS
+        predicting = spec.predicts
         if not predicting and (rule is not None or horizons is not None):
-            raise ValueError(f"rule and horizons apply to {PREDICTING_METHODS} only, "
-                             f"not to method {self.method!r}")
+            raise ValueError(f"rule and horizons apply to predicting methods only (forward = "
+                             f"'predicted'), not to method {name!r}")
         if horizons is None:
             self.horizons = list(self.staleness) if predicting else [0] * n
         else:
@@ -469,9 +347,25 @@ class StageWorker:
                     or len(horizons) != n:
                 raise ValueError(f"horizons must be a sequence of {n} ints >= 0, got {horizons!r}")
             self.horizons = [_check_int(h, f"horizons[{i}]", 0) for i, h in enumerate(horizons)]
+        #: What the method's transforms know about this stage.
+        self.context = StageContext(tuple(self.staleness), u, stage, num_stages)
 
-        # ---- optimizer and parameters
-        if isinstance(optimizer, PredictiveOptimizer):
+        # ---- parameters (checked before any conversion of the optimizer)
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = [(pname, p) for pname, p in module.named_parameters() if id(p) in in_opt]
+        if len(named) != len(in_opt):
+            raise ValueError("optimizer holds tensors that are not parameters of module")
+
+        # ---- optimizer: the method's transforms may check or convert it
+        wrapped = isinstance(optimizer, PredictiveOptimizer)
+        inner = optimizer.optimizer if wrapped else optimizer
+        prepared = inner
+        for t in spec.transforms:
+            prepared = t.prepare(prepared, self.context)
+        if wrapped:
+            if prepared is not inner:
+                raise ValueError(f"method {name!r} converts the stage optimizer; pass the bare "
+                                 "optimizer, not a PredictiveOptimizer")
             if rule is not None:
                 raise ValueError("rule must be None when optimizer is a PredictiveOptimizer "
                                  "(its own rule is used)")
@@ -484,20 +378,23 @@ class StageWorker:
             if not predicting:  # steps=0: an exact pass-through; the rule is never used
                 rule_obj = get_rule("observed")
             elif rule is not None:
-                rule_obj = get_rule(rule, optimizer)
+                rule_obj = get_rule(rule, prepared)
             else:
-                rule_obj = method_rule(self.method, optimizer)
+                rule_obj = spec.prediction_rule(prepared)
             steps = max(1, max(self.horizons)) if predicting else 0
-            self.optimizer = PredictiveOptimizer(optimizer, steps=steps, rule=rule_obj)
+            self.optimizer = PredictiveOptimizer(prepared, steps=steps, rule=rule_obj)
         self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
-        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        named = [(name, p) for name, p in module.named_parameters() if id(p) in in_opt]
-        if len(named) != len(in_opt):
-            raise ValueError("optimizer holds tensors that are not parameters of module")
         self.module = module
-        self.param_names: list[str] = [name for name, _ in named]
+        self.param_names: list[str] = [pname for pname, _ in named]
         self.params: list[Tensor] = [p for _, p in named]
         self.input_grads = bool(input_grads)
+        self._lean = spec.backward == "current"
+        self._keep_forward = any(t.needs_forward_weights for t in spec.transforms)
+        self._corrects = [t for t in spec.transforms
+                          if type(t).correct_gradients is not _BASE_CORRECT]
+        self._after = [t for t in spec.transforms if type(t).after_step is not _BASE_AFTER]
+        #: Per-parameter state of the method's transforms (part of a stage checkpoint).
+        self.transform_state: dict[Tensor, dict[str, Any]] = {}
 
         self._chunks: dict[int, _Chunk] = {}
         self._forwarded: set[int] = set()  # micro-batches forwarded in the current step
@@ -506,6 +403,7 @@ class StageWorker:
         # between the same two updates (pipedream-2bw: one buffer per version, not per forward)
         self._stash: tuple[int, list[Tensor]] | None = None
         self._accumulated = 0  # completed backwards whose gradients sit in .grad
+        self._covered: list[int] = []  # the micro-batches of the update being accumulated
         #: Forwards run (all steps).
         self.num_forwards = 0
         #: Completed backwards (``B``, or ``W`` after ``I``; all steps).
@@ -554,17 +452,33 @@ class StageWorker:
             raise ValueError(f"mb must be an int in [0, {self.n_microbatches}), got {mb!r}")
         return mb
 
+    def lr_scale(self) -> float:
+        """The factor the method's transforms put on the learning rate of the next update."""
+        f = 1.0
+        for t in self.spec.transforms:
+            f *= t.lr_scale(self.context, self.num_updates)
+        return f
+
+    def _future_lrs(self, h: int, scale: float) -> list[list[float]] | None:
+        if scale == 1.0:
+            return None
+        base = self.optimizer._future_lrs(h)
+        if base is None:
+            base = [[float(g["lr"])] * h for g in self.optimizer.param_groups]
+        return [[lr * scale for lr in row] for row in base]
+
     @torch.no_grad()
     def _weights(self, mb: int) -> list[Tensor]:
         """The values forward(mb) runs on; tensors no later update writes to if s(mb) > 0
-        (except for the lean methods, whose backward reads the current weights anyway)."""
-        s = 0 if self.method in LEAN_METHODS else self.staleness[mb]
+        (except with backward = "current", whose backward reads the current weights anyway)."""
+        s = 0 if self._lean else self.staleness[mb]
         ps = self.params
-        if self.method == "pipedream-2bw" and s == 0 and self._previous is not None:
+        if self.spec.forward == "previous" and s == 0 and self._previous is not None:
             return [t.detach() for t in self._previous]  # never written to: no copy needed
         h = self.horizons[mb]
         if h > 0:
-            pred = predict(self.optimizer, h, rule=self.rule)
+            pred = predict(self.optimizer, h, rule=self.rule,
+                           lrs=self._future_lrs(h, self.lr_scale()))
             vals = [pred[p] for p in ps]
             if s > 0:  # unpredicted parameters come back as aliases: stash them
                 alias = [i for i, (v, p) in enumerate(zip(vals, ps))
@@ -578,6 +492,8 @@ class StageWorker:
             if self._stash is None or self._stash[0] != self.num_updates:
                 self._stash = (self.num_updates, list(torch._foreach_mul(ps, 1.0)))
             return [t.detach() for t in self._stash[1]]  # own leaves, shared storage
+        if self._keep_forward and self.staleness[mb] > 0:  # lean + a transform that needs them
+            return [p.detach().clone() for p in ps]
         return [p.detach() for p in ps]
 
     def forward(self, mb: int, *inputs: Any, **kwargs: Any) -> Any:
@@ -621,16 +537,17 @@ class StageWorker:
                                     *(values[i] for i in copies))
             for i, w in zip(copies, views):
                 weights[i] = w
-        if self.method in LEAN_METHODS and (self.staleness[mb] or self.horizons[mb]):
+        if self._lean and (self.staleness[mb] or self.horizons[mb]):
             hooks = torch.autograd.graph.saved_tensors_hooks(
                 *_current_weight_hooks(weights, self.params))
         else:
             hooks = contextlib.nullcontext()
         with hooks:
             out = functional_call(self.module, dict(zip(self.param_names, weights)), args, kwargs)
+        kept = [v.detach() for v in values] if self._keep_forward else None
         del values, weights  # copies: referenced by autograd only (lean: not at all)
         outputs = _flatten(out)
-        self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates)
+        self._chunks[mb] = _Chunk(args, outputs, leaves, self.num_updates, forward_weights=kept)
         self._forwarded.add(mb)
         self.num_forwards += 1
         return out
@@ -731,9 +648,19 @@ class StageWorker:
         self._complete(mb, chunk)
 
     # ------------------------------------------------------------------ completion and update
+    def _update_context(self) -> UpdateContext:
+        return UpdateContext(self.optimizer.optimizer, self.params, self.num_updates,
+                             list(self._covered), self.transform_state)
+
     @torch.no_grad()
     def _complete(self, mb: int, chunk: _Chunk) -> None:
         del self._chunks[mb]
+        if self._corrects:
+            grads = [leaf.grad for leaf in chunk.leaves]
+            ctx = self._update_context()
+            for t in self._corrects:
+                t.correct_gradients(self.context, ctx, mb, grads, chunk.forward_weights)
+        chunk.forward_weights = None
         new_p, new_g, acc_p, acc_g = [], [], [], []
         for p, leaf in zip(self.params, chunk.leaves):
             g = leaf.grad
@@ -754,6 +681,7 @@ class StageWorker:
         chunk.leaves.clear()
         self.num_backwards += 1
         self._accumulated += 1
+        self._covered.append(mb)
         if self._accumulated == self.update_every:
             self._update()
         if self.num_backwards % self.n_microbatches == 0 and not self._chunks:
@@ -766,12 +694,27 @@ class StageWorker:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, float(u))
-        if self.method == "pipedream-2bw":  # the version being replaced: the stash if any
+        if self.spec.forward == "previous":  # the version being replaced: the stash if any
             stash = self._stash
             self._previous = (stash[1] if stash is not None and stash[0] == self.num_updates
                               else list(torch._foreach_mul(self.params, 1.0)))
         self._stash = None
-        self.optimizer.step()
+        scale = self.lr_scale()
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        if scale != 1.0:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr * scale  # a new object: a Tensor lr of the user is not written to
+        try:
+            self.optimizer.step()
+            if self._after:
+                ctx = self._update_context()
+                for t in self._after:
+                    t.after_step(self.context, ctx)
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0
+        self._covered.clear()
         self.num_updates += 1

@@ -12,9 +12,10 @@ micro-batch forward through all stages, then backward, then updates every stage.
 ``schedule="PB"`` is fine-grained Pipelined Backpropagation (:mod:`~predictopt.pipeline.pb`):
 every stage its own rank, one update per completed backward, a step is one stream of ``n``
 micro-batches in the tick order of :func:`~predictopt.pipeline.pb.pb_global_order` (no flush
-inside it, drained at its end), and the methods ``pb``, ``pb-sc``, ``pb-lwp`` and ``pb-sc-lwp``
-(:data:`~predictopt.pipeline.pb.PB_METHODS`) run on it with momentum SGD. The generic per-update
-methods ``sequential``, ``pipedream``, ``spectrain`` and ``pipeoptim`` run on it too.
+inside it, drained at its end), and the methods ``pb``, ``pb-sc``, ``pb-lwp``, ``pb-sc-lwp`` and
+their ``-lean`` twins (:data:`~predictopt.pipeline.pb.PB_METHODS`) run on it with momentum SGD.
+Every method with one update per micro-batch (``sequential``, ``pipedream``, ``pipeoptim``, ...)
+runs on it too.
 
 Example::
 
@@ -38,19 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .pb import (
-    PB_METHODS,
-    PB_PREDICTING,
-    PB_SCHEDULE,
-    pb_delays,
-    pb_global_order,
-    pb_horizons,
-    pb_method,
-    pb_optimizer,
-    pb_staleness,
-)
+from .methods import Method, get_method
+from .pb import PB_SCHEDULE, pb_global_order, pb_staleness
 from .schedules import Action, global_order, stage_to_rank, staleness
-from .semantics import METHODS, PREDICTING_METHODS, StageWorker, check_method
+from .semantics import StageWorker
 
 __all__ = [
     "PipelineSimulator",
@@ -62,18 +54,6 @@ __all__ = [
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
-#: Generic methods that run on the ``"PB"`` schedule (one update per completed backward).
-_PB_GENERIC = ("sequential", "pipedream", "spectrain", "pipeoptim", "pipeoptim-lean")
-
-
-def _check_sim_method(method: Any) -> str:
-    if isinstance(method, str) and method in PB_METHODS:
-        return method
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS + PB_METHODS)}; "
-                         f"got {method!r}")
-    return method
-
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -81,24 +61,20 @@ def _check_int(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
-def default_update_every(method: str, num_stages: int, n_microbatches: int) -> int:
+def default_update_every(method: str | Method, num_stages: int, n_microbatches: int) -> int:
     """The number of completed backwards per update a method uses by default.
 
-    ``gpipe``: ``n``; ``pipedream-2bw`` and ``xpipe``: the smallest divisor of ``n`` that is
-    ``>= num_stages`` (2BW's ``m >= K``; XPipe's ``T`` micro-batches per mini-batch, one per
-    stage), or ``n`` if there is none; the other methods: 1.
+    Per micro-batch cadence: 1; per step (``gpipe``): ``n``; window (``pipedream-2bw``,
+    ``xpipe``): the smallest divisor of ``n`` that is ``>= num_stages`` (2BW's ``m >= K``;
+    XPipe's ``T`` micro-batches per mini-batch, one per stage), or ``n`` if there is none.
 
     Raises:
         ValueError: unknown method or non-positive sizes.
     """
-    method = check_method(method)
+    spec = get_method(method)
     _check_int(num_stages, "num_stages")
     n = _check_int(n_microbatches, "n_microbatches")
-    if method == "gpipe":
-        return n
-    if method in ("pipedream-2bw", "xpipe"):
-        return next((d for d in range(num_stages, n + 1) if n % d == 0), n)
-    return 1
+    return spec.cadence.default(num_stages, n)
 
 
 class PipelineSimulator:
@@ -110,13 +86,11 @@ class PipelineSimulator:
         make_optimizer: ``make_optimizer(params) -> torch.optim.Optimizer``, called once per stage
             with that stage's parameters; the worker wraps it in a
             :class:`~predictopt.PredictiveOptimizer`.
-        method: One of :data:`~predictopt.pipeline.semantics.METHODS` or of
-            :data:`~predictopt.pipeline.pb.PB_METHODS` (``pb``, ``pb-sc``, ``pb-lwp``,
-            ``pb-sc-lwp`` and their ``-lean`` twins without weight stashing:
-            ``schedule="PB"`` only; ``make_optimizer`` must then return a
-            ``torch.optim.SGD`` with momentum, which ``pb-sc*`` turn into a
-            :class:`~predictopt.spike.SpikeCompensatedSGD` with the stage's delay $D_k$, see
-            :func:`~predictopt.pipeline.pb.pb_optimizer`).
+        method: A registered method name (:func:`~predictopt.pipeline.available_methods`) or a
+            :class:`~predictopt.pipeline.methods.Method`. The PB methods
+            (:data:`~predictopt.pipeline.pb.PB_METHODS`) run on ``schedule="PB"`` only, with a
+            ``torch.optim.SGD`` with momentum from ``make_optimizer`` (``pb-sc*`` turn it into a
+            :class:`~predictopt.spike.SpikeCompensatedSGD` with the stage's delay $D_k$).
         schedule: A schedule name of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`, or
             ``"PB"`` (Pipelined Backpropagation; accepted in any case). Default: ``"PB"`` for the
             PB methods, ``"1F1B"`` otherwise.
@@ -126,8 +100,8 @@ class PipelineSimulator:
             is 2 for multi-stage schedules, 1 otherwise). Must match ``len(stages)`` if given.
         loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the micro-batch).
         update_every: Completed backwards per update; default
-            :func:`default_update_every`. Only ``pipedream-2bw`` (``>= num_stages``) and
-            ``xpipe`` accept other values than their default.
+            :func:`default_update_every`. Only methods with a window cadence
+            (``pipedream-2bw``: ``>= num_stages``; ``xpipe``) accept other values.
         rule: Prediction rule overriding the method's (predicting methods only; the PB methods
             fix theirs: ``"sgd"`` for ``pb-lwp`` and ``pb-sc-lwp``).
         horizons: ``{stage: [h(0), ..., h(n-1)]}`` overriding the prediction horizons
@@ -136,8 +110,8 @@ class PipelineSimulator:
 
     Attributes:
         workers: The :class:`StageWorker` of every stage.
-        worker_method: The method the workers run (``pb``/``pb-sc``: ``pipedream``,
-            ``pb-lwp``/``pb-sc-lwp``: ``pipeoptim``; otherwise ``method``).
+        method: The method's name.
+        spec: The :class:`~predictopt.pipeline.methods.Method`.
         staleness: ``{stage: [s(stage, i)]}`` the workers run with (zeros for ``sequential``).
         order: The actions one :meth:`step` executes, in order.
 
@@ -151,7 +125,7 @@ class PipelineSimulator:
         stages: Sequence[nn.Module],
         make_optimizer: OptimizerFactory,
         *,
-        method: str = "pipeoptim",
+        method: str | Method = "pipeoptim",
         schedule: str | None = None,
         n_microbatches: int,
         num_ranks: int | None = None,
@@ -160,22 +134,21 @@ class PipelineSimulator:
         rule: Any = None,
         horizons: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
-        self.method = _check_sim_method(method)
-        is_pb_method = self.method in PB_METHODS
+        spec = get_method(method)
         if schedule is None:
-            schedule = PB_SCHEDULE if is_pb_method else "1F1B"
+            schedule = spec.schedules[0] if spec.schedules else "1F1B"
         is_pb = isinstance(schedule, str) and schedule.lower() == PB_SCHEDULE.lower()
         if is_pb:
             schedule = PB_SCHEDULE
-        if is_pb_method and not is_pb:
-            raise ValueError(f"method {self.method!r} runs on schedule {PB_SCHEDULE!r} only, "
-                             f"got {schedule!r}")
-        worker_method, _, pb_rule = pb_method(self.method) if is_pb_method \
-            else (self.method, False, None)
-        if is_pb and worker_method not in _PB_GENERIC:
+        if not spec.runs_on(schedule) and (is_pb or spec.schedules is not None):
+            if spec.schedules is not None:
+                names = ", ".join(repr(x) for x in spec.schedules)
+                raise ValueError(f"method {spec.name!r} runs on schedule {names} only, got "
+                                 f"{schedule!r}")
             raise ValueError(f"schedule {PB_SCHEDULE!r} updates after every backward: it runs "
-                             f"{', '.join(_PB_GENERIC + PB_METHODS)}, not {self.method!r}")
-        self.worker_method = worker_method
+                             f"methods with one update per micro-batch, not {spec.name!r}")
+        self.spec: Method = spec
+        self.method: str = spec.name
         if isinstance(stages, nn.Module) or not isinstance(stages, Sequence) or not stages:
             raise ValueError("stages must be a non-empty sequence of nn.Module")
         if not all(isinstance(m, nn.Module) for m in stages):
@@ -196,25 +169,16 @@ class PipelineSimulator:
             if num_ranks != derived:
                 raise ValueError(f"num_ranks must be len(stages) / stages_per_rank = {derived} "
                                  f"for {num_stages} stages on {schedule!r}, got {num_ranks}")
-        default_u = default_update_every(worker_method, num_stages, n)
         if update_every is None:
-            u = default_u
+            u = spec.cadence.default(num_stages, n)
         else:
-            u = _check_int(update_every, "update_every")
-            if self.method not in ("pipedream-2bw", "xpipe") and u != default_u:
-                raise ValueError(f"update_every must be {default_u} for method {self.method!r}, "
-                                 f"got {u}")
-            if n % u:
-                raise ValueError(f"update_every ({u}) must divide n_microbatches ({n})")
-        if self.method == "pipedream-2bw" and u < num_stages and u != n:
-            raise ValueError(f"update_every must be >= the number of stages ({num_stages}) "
-                             f"for pipedream-2bw, got {u}")
-        if horizons is not None and (worker_method not in PREDICTING_METHODS or (
-                is_pb_method and self.method not in PB_PREDICTING)):
-            raise ValueError(f"horizons apply to {PREDICTING_METHODS + PB_PREDICTING} only")
-        if rule is not None and (is_pb_method or worker_method not in PREDICTING_METHODS):
-            raise ValueError(f"rule applies to {PREDICTING_METHODS} only (the PB methods fix "
-                             "their own)")
+            u = spec.cadence.check(_check_int(update_every, "update_every"), num_stages, n,
+                                   spec.name)
+        if horizons is not None and not spec.predicts:
+            raise ValueError(f"horizons apply to predicting methods only, not to {spec.name!r}")
+        if rule is not None and (not spec.predicts or spec.schedules is not None):
+            raise ValueError(f"rule applies to predicting methods only (the PB methods fix "
+                             f"their own), not to {spec.name!r}")
         horizons = dict(horizons or {})
         if any(k not in range(num_stages) for k in horizons):
             raise ValueError(f"horizons keys must be stage indices 0..{num_stages - 1}")
@@ -226,7 +190,7 @@ class PipelineSimulator:
         self.n_microbatches = n
         self.update_every = u
         self.loss_fn = loss_fn
-        if self.method == "sequential":
+        if spec.staleness_free:
             self.staleness = {k: [0] * n for k in range(num_stages)}
             self.order = [
                 Action(kind, k, i)
@@ -240,22 +204,19 @@ class PipelineSimulator:
         else:
             self.staleness = staleness(schedule, derived, n, stages_per_rank=spr, update_every=u)
             self.order = global_order(schedule, derived, n, stages_per_rank=spr)
-        delays = pb_delays(num_stages)
         self.workers: list[StageWorker] = []
         for k, m in enumerate(self.stages):
-            opt = make_optimizer(m.parameters())
-            if is_pb_method:
-                opt = pb_optimizer(self.method, opt, delays[k])
             self.workers.append(StageWorker(
                 m,
-                opt,
-                method=worker_method,
+                make_optimizer(m.parameters()),
+                method=spec,
                 staleness=self.staleness[k],
                 update_every=u,
-                rule=pb_rule if is_pb_method else rule,
-                horizons=(pb_horizons(self.method, self.staleness[k])
-                          if is_pb_method and k not in horizons else horizons.get(k)),
+                rule=rule,
+                horizons=horizons.get(k),
                 input_grads=k > 0,
+                stage=k,
+                num_stages=num_stages,
             ))
 
     # ------------------------------------------------------------------ properties
@@ -274,7 +235,7 @@ class PipelineSimulator:
         ``sequential`` and ``gpipe``; on ``"PB"``, $D_0 = 2 (K - 1)$ once the stream is longer
         than that.
         """
-        if self.method == "pipedream-2bw":
+        if self.spec.forward == "previous":
             return 1
         return max(max(v) for v in self.staleness.values())
 

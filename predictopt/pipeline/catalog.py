@@ -1,0 +1,227 @@
+r"""The built-in pipeline methods, one :class:`~predictopt.pipeline.methods.Method` each.
+
+Each entry says what a stage's forwards and backwards see, the update cadence, the prediction
+rule and the per-stage transforms (:mod:`predictopt.pipeline.transforms`); the documentation
+page "Methods" gives the math and the sources. Everything that accepts a method name resolves it
+here through :func:`~predictopt.pipeline.methods.get_method`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..rules import (
+    AdamRule,
+    ObservedUpdateRule,
+    PredictionRule,
+    _value,
+    available_rules,
+    get_rule,
+    register_rule,
+    state_tensors,
+)
+from .methods import PER_STEP, WINDOW, Cadence, Method, register_method
+from .transforms import (
+    DelayCompensation,
+    DelayScaledLR,
+    NesterovMomentum,
+    QuasiHyperbolicMomentum,
+    RequireMomentumSGD,
+    SpikeCompensation,
+)
+
+__all__ = ["FirstMomentRule"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SpecTrain's rule
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_first_moment(group: dict[str, Any]) -> bool:
+    """Whether the group's optimizer keeps a first moment (Adam family or momentum > 0)."""
+    return "betas" in group or bool(_value(group.get("momentum", 0.0)))
+
+
+class FirstMomentRule(PredictionRule):
+    r"""SpecTrain's direction, the first moment, whatever the optimizer.
+
+    * Adam family (groups with ``betas``: Adam, AdamW, NAdam, RAdam, Adamax...): the bias-corrected
+      first moment :math:`D = m_t / (1 - \beta_1^t)`; decoupled decay as in
+      :class:`~predictopt.rules.AdamRule`.
+    * SGD / RMSprop with ``momentum > 0``: the momentum buffer :math:`D = b_t` (torch folds
+      ``maximize`` into the buffer, so it is the applied direction as it is).
+    * Otherwise: the ``fallback`` rule (the optimizer's own; the generic observed-update rule for
+      the registered instance).
+
+    For Adam this is the smoothed gradient, not Adam's normalised step, so the prediction is
+    scaled differently from the real updates: it is SpecTrain's rule applied as published, kept
+    as a baseline.
+
+    Args:
+        fallback: The rule for groups without a first moment.
+    """
+
+    name = "first-moment"
+
+    def __init__(self, fallback: PredictionRule | None = None) -> None:
+        if fallback is not None and not isinstance(fallback, PredictionRule):
+            raise TypeError(f"fallback must be a PredictionRule, got {type(fallback)!r}")
+        self.fallback = fallback if fallback is not None else ObservedUpdateRule()
+
+    def observes(self, group: dict[str, Any]) -> bool:
+        return not _has_first_moment(group) and self.fallback.observes(group)
+
+    def record(self, group, params, states, before) -> None:
+        """Delegate the observed-update bookkeeping to the fallback (groups without a moment)."""
+        self.fallback.record(group, params, states, before)  # type: ignore[attr-defined]
+
+    def decoupled_decay(self, group: dict[str, Any]) -> float:
+        if "betas" in group:
+            return AdamRule().decoupled_decay(group)
+        if _has_first_moment(group):
+            return 0.0
+        return self.fallback.decoupled_decay(group)
+
+    def directions(self, group, params, states):
+        if not _has_first_moment(group):
+            return self.fallback.directions(group, params, states)
+        ps: list[Tensor] = []
+        ds: list[Tensor] = []
+        if "betas" in group:
+            beta1 = _value(group["betas"][0])
+            bc1 = []
+            for p, st in zip(params, states):
+                if "exp_avg" in st and _value(st.get("step", 0)) > 0:
+                    ps.append(p)
+                    ds.append(st["exp_avg"])
+                    bc1.append(1.0 - beta1 ** _value(st["step"]))
+            if ps:
+                ds = torch._foreach_div(ds, bc1)
+            return ps, ds
+        return state_tensors(params, states, "momentum_buffer")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fallback={self.fallback!r})"
+
+
+if "first-moment" not in available_rules():
+    register_rule("first-moment", FirstMomentRule())
+
+
+def _spectrain_rule(optimizer: Optimizer) -> PredictionRule:
+    return FirstMomentRule(fallback=get_rule(None, optimizer))
+
+
+_ADAM_FAMILY = tuple(
+    cls for cls in (getattr(torch.optim, name, None) for name in ("Adam", "AdamW", "NAdam",
+                                                                   "RAdam"))
+    if cls is not None
+)
+
+
+def _xpipe_rule(optimizer: Optimizer) -> PredictionRule:
+    return get_rule("adam") if isinstance(optimizer, _ADAM_FAMILY) else get_rule(None, optimizer)
+
+
+def _sgd_rule(optimizer: Optimizer) -> PredictionRule:
+    return get_rule("sgd")
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------------
+
+SEQUENTIAL = register_method(Method(
+    "sequential", staleness_free=True,
+    summary="no pipeline: every micro-batch through all stages, then one update per stage "
+            "(the staleness-free reference)",
+    source="-"))
+GPIPE = register_method(Method(
+    "gpipe", cadence=PER_STEP,
+    summary="synchronous: one update per step from the mean micro-batch gradient",
+    source="Huang et al., GPipe, NeurIPS 2019"))
+PIPEDREAM = register_method(Method(
+    "pipedream",
+    summary="one update per micro-batch; forward and backward on the forward's weights "
+            "(weight stashing)",
+    source="Narayanan et al., PipeDream, SOSP 2019"))
+PIPEDREAM_2BW = register_method(Method(
+    "pipedream-2bw", forward="previous", cadence=Cadence("window", at_least_stages=True), max_lag=1,
+    summary="double-buffered weights: every micro-batch runs on the version one update old",
+    source="Narayanan et al., PipeDream-2BW, ICML 2021"))
+SPECTRAIN = register_method(Method(
+    "spectrain", forward="predicted", rule=_spectrain_rule,
+    summary="forward on weights predicted along the first moment",
+    source="Chen et al., SpecTrain, 2018 (arXiv 1809.02839)"))
+XPIPE = register_method(Method(
+    "xpipe", forward="predicted", rule=_xpipe_rule, cadence=WINDOW,
+    summary="T micro-batches per update; Adam-style prediction",
+    source="Guan et al., XPipe, 2019 (arXiv 1911.04610)"))
+PIPEOPTIM = register_method(Method(
+    "pipeoptim", forward="predicted",
+    summary="forward on weights predicted with the optimizer's own rule; backward on the "
+            "forward's",
+    source="Guan et al., PipeOptim / XGrad (arXiv 2312.00839)"))
+PIPEOPTIM_LEAN = register_method(Method(
+    "pipeoptim-lean", forward="predicted", backward="current",
+    summary="PipeOptim as published: predicted forward, backward on the current weights (no "
+            "weight copy per micro-batch)",
+    source="Guan et al., PipeOptim (arXiv 2312.00839)"))
+
+# Pipelined Backpropagation (Kosson et al., MLSys 2021): every layer a stage, schedule "PB".
+_PB = {"schedules": ("PB",), "source": "Kosson et al., Pipelined Backpropagation at Scale, "
+                                        "MLSys 2021"}
+for _name, _fwd, _bwd, _sc, _summary in (
+        ("pb", "current", "forward", False, "PB with weight stashing"),
+        ("pb-sc", "current", "forward", True, "PB + Spike Compensation"),
+        ("pb-lwp", "predicted", "forward", False, "PB + Linear Weight Prediction"),
+        ("pb-sc-lwp", "predicted", "forward", True, "PB + Spike Compensation + LWP"),
+        ("pb-lean", "current", "current", False, "PB without weight stashing"),
+        ("pb-sc-lean", "current", "current", True, "PB + SC without weight stashing"),
+        ("pb-lwp-lean", "predicted", "current", False, "PB + LWP without weight stashing"),
+        ("pb-sc-lwp-lean", "predicted", "current", True, "PB + SC + LWP without stashing")):
+    register_method(Method(
+        _name, forward=_fwd, backward=_bwd, rule=_sgd_rule,
+        transforms=(SpikeCompensation(),) if _sc else (RequireMomentumSGD(),),
+        summary=_summary, **_PB))
+
+NESTEROV = register_method(Method(
+    "nesterov", transforms=(NesterovMomentum(beta1=0.99),),
+    summary="NAdam (beta1 0.99) / Nesterov SGD on weight stashing",
+    source="Ajanthan et al., Nesterov Method for Asynchronous Pipeline Parallel Optimization, "
+           "ICML 2025 (code: PluralisResearch/AsyncPP)"))
+PIPEMARE = register_method(Method(
+    "pipemare", backward="current", transforms=(DelayScaledLR(power=1.0, offset=0.0),),
+    summary="no weight stashing; learning rate divided by the stage's delay",
+    source="Yang et al., PipeMare, MLSys 2021"))
+DC_ASGD = register_method(Method(
+    "dc-asgd", transforms=(DelayCompensation(),),
+    summary="weight stashing + delay-compensated gradients (DC-ASGD-a)",
+    source="Zheng et al., Asynchronous SGD with Delay Compensation, ICML 2017"))
+
+# Candidates of this project (see the study): delay-scaled learning rate with Nesterov-style
+# momentum, with and without prediction.
+register_method(Method(
+    "pipedream-dl", transforms=(DelayScaledLR(),),
+    summary="weight stashing, learning rate / (1 + delay)", source="this project"))
+register_method(Method(
+    "nesterov-dl", transforms=(NesterovMomentum(), DelayScaledLR()),
+    summary="NAdam/Nesterov SGD with the optimizer's betas, learning rate / (1 + delay), "
+            "weight stashing", source="this project"))
+register_method(Method(
+    "pipeoptim-nesterov-dl", forward="predicted",
+    transforms=(NesterovMomentum(), DelayScaledLR()),
+    summary="nesterov-dl with predicted forward weights", source="this project"))
+register_method(Method(
+    "qh-dl", transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR()),
+    summary="quasi-hyperbolic momentum (nu 0.5), learning rate / (1 + delay), weight stashing",
+    source="this project"))
+register_method(Method(
+    "pipeoptim-qh-dl", forward="predicted",
+    transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR()),
+    summary="qh-dl with predicted forward weights", source="this project"))

@@ -1,0 +1,364 @@
+r"""Per-stage transforms of the update: the math of every staleness mitigation in one place.
+
+Each class is a :class:`~predictopt.pipeline.methods.StageTransform`; a
+:class:`~predictopt.pipeline.methods.Method` lists the ones it applies. ``D`` below is the
+stage's delay, the largest staleness of a step at that stage (``K - 1 - k`` for stage ``k`` of
+``K`` under 1F1B with one update per micro-batch; :attr:`StageContext.delay`).
+
+* :class:`RequireMomentumSGD`: checks the stage runs ``torch.optim.SGD`` with momentum.
+* :class:`SpikeCompensation` (Kosson et al., 2021): momentum SGD becomes
+  :class:`~predictopt.spike.SpikeCompensatedSGD` with the stage's delay,
+  $w \leftarrow w - \eta (m^D v + \tfrac{1 - m^D}{1 - m} g)$.
+* :class:`DelayScaledLR` (PipeMare, Yang et al., 2021; the ``lr_correction`` of Ajanthan et
+  al., 2025): the stage's learning rate times $(c + D)^{-p\,r(t)}$, $r(t) = 1 - \min(t/T, 1)$
+  when annealed over $T$ updates, else 1.
+* :class:`NesterovMomentum` (Ajanthan et al., 2025, whose code trains NAdam on weight
+  stashing): Adam/AdamW become ``torch.optim.NAdam`` (decoupled decay for AdamW), momentum SGD
+  becomes Nesterov SGD.
+* :class:`AdaptiveMomentum` (Ajanthan et al., 2025, ``--adaptive_momentum``): the first-moment
+  coefficient $\beta_1 + D(\beta^\star - \beta_1)/K$.
+* :class:`QuasiHyperbolicMomentum` (Ma & Yarats, 2019, applied per stage): the update mixes the
+  fresh gradient into the momentum direction, $\nu\,\hat m + (1 - \nu)\,g$ (Adam family,
+  normalised by $\sqrt{\hat v} + \epsilon$) or $\nu\,b + (1 - \nu)\,g / (1 - \mu)$ (momentum
+  SGD), applied as a correction after the optimizer's own step.
+* :class:`DelayCompensation` (DC-ASGD, Zheng et al., 2017): each delayed gradient is corrected
+  to first order with the diagonal outer-product approximation of the Hessian,
+  $g + \lambda\,g \odot g \odot (w_{now} - w_{fwd})$, with the adaptive
+  $\lambda = \lambda_0 / \sqrt{\overline{g^2}}$ of DC-ASGD-a.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..spike import SpikeCompensatedSGD
+from .methods import StageContext, StageTransform, UpdateContext
+
+__all__ = [
+    "AdaptiveMomentum",
+    "DelayCompensation",
+    "DelayScaledLR",
+    "NesterovMomentum",
+    "QuasiHyperbolicMomentum",
+    "RequireMomentumSGD",
+    "SpikeCompensation",
+]
+
+
+def _number(value: Any, name: str, *, low: float = 0.0, high: float = math.inf,
+            low_open: bool = False, high_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return float(value)
+
+
+def _fresh(optimizer: Optimizer, what: str) -> None:
+    if len(optimizer.state):
+        raise ValueError(f"{what} converts the stage optimizer, which must be fresh (no state "
+                         "yet)")
+
+
+_ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer requirements and conversions
+# ---------------------------------------------------------------------------------------------
+
+
+class RequireMomentumSGD(StageTransform):
+    """Check the stage optimizer is ``torch.optim.SGD`` (or a subclass) with momentum > 0 in
+    every group (the setting of Pipelined Backpropagation)."""
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise ValueError(f"this method runs momentum SGD: make_optimizer must return a "
+                             f"torch.optim.SGD with momentum > 0, got {type(optimizer).__name__}")
+        if any(not g.get("momentum", 0) for g in optimizer.param_groups):
+            raise ValueError("this method runs momentum SGD: every parameter group needs "
+                             "momentum > 0")
+        return optimizer
+
+
+class SpikeCompensation(StageTransform):
+    r"""Momentum SGD becomes :class:`~predictopt.spike.SpikeCompensatedSGD` with ``delay`` =
+    the stage's delay $D$ (idempotent: a ``SpikeCompensatedSGD`` is kept, its groups' delay
+    set to $D$ if it has no state yet)."""
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        delay = ctx.delay
+        if isinstance(optimizer, SpikeCompensatedSGD):
+            if not len(optimizer.state):
+                for g in optimizer.param_groups:
+                    g["delay"] = delay
+            return optimizer
+        RequireMomentumSGD().prepare(optimizer, ctx)
+        _fresh(optimizer, "Spike Compensation")
+        groups = [{**{k: v for k, v in g.items() if k not in ("differentiable", "fused")},
+                   "delay": delay} for g in optimizer.param_groups]
+        return SpikeCompensatedSGD(groups, lr=groups[0]["lr"])
+
+
+class NesterovMomentum(StageTransform):
+    r"""Nesterov momentum for the stage: ``Adam``/``AdamW`` become ``torch.optim.NAdam`` with the
+    same learning rate, betas (first one replaced by ``beta1`` if given), eps and weight decay
+    (decoupled for AdamW), and ``momentum_decay``; ``SGD`` with momentum becomes
+    ``SGD(nesterov=True)``. NAdam's update is
+    $\eta\,[\mu_{t+1} \hat m_t + (1 - \mu_t) g_t / (1 - \prod_{i \le t} \mu_i)] / (\sqrt{\hat v_t}
+    + \epsilon)$ with $\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})$: a weight on the fresh
+    gradient that a delayed stage feels at once. Idempotent on ``NAdam`` and Nesterov SGD.
+
+    Args:
+        beta1: First-moment coefficient of the NAdam stages (``None``: keep the optimizer's).
+            Ajanthan et al. train with 0.99.
+        momentum_decay: NAdam's $\psi$.
+    """
+
+    def __init__(self, beta1: float | None = None, momentum_decay: float = 4e-3) -> None:
+        self.beta1 = None if beta1 is None else _number(beta1, "beta1", high=1.0,
+                                                         high_open=True)
+        self.momentum_decay = _number(momentum_decay, "momentum_decay")
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if isinstance(optimizer, torch.optim.NAdam):
+            return optimizer
+        if isinstance(optimizer, torch.optim.SGD):
+            if all(g.get("nesterov") for g in optimizer.param_groups):
+                return optimizer
+            if any(not g.get("momentum", 0) or g.get("dampening", 0)
+                   for g in optimizer.param_groups):
+                raise ValueError("Nesterov momentum needs SGD with momentum > 0 and "
+                                 "dampening = 0 in every group")
+            _fresh(optimizer, "Nesterov momentum")
+            groups = [{**{k: v for k, v in g.items() if k not in ("fused",)}, "nesterov": True}
+                      for g in optimizer.param_groups]
+            return torch.optim.SGD(groups, lr=groups[0]["lr"])
+        if not isinstance(optimizer, _ADAM_LIKE) or any(
+                g.get("amsgrad") for g in optimizer.param_groups):
+            raise ValueError(f"Nesterov momentum converts Adam, AdamW (without amsgrad) or "
+                             f"momentum SGD; got {type(optimizer).__name__}")
+        _fresh(optimizer, "Nesterov momentum")
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+            g.get("decoupled_weight_decay") for g in optimizer.param_groups)
+        groups = []
+        for g in optimizer.param_groups:
+            betas = g["betas"]
+            b1 = self.beta1 if self.beta1 is not None else betas[0]
+            groups.append({"params": g["params"], "lr": g["lr"], "betas": (b1, betas[1]),
+                           "eps": g["eps"], "weight_decay": g["weight_decay"],
+                           "maximize": g.get("maximize", False)})
+        return torch.optim.NAdam(groups, lr=groups[0]["lr"], momentum_decay=self.momentum_decay,
+                                 decoupled_weight_decay=decoupled)
+
+
+class AdaptiveMomentum(StageTransform):
+    r"""More momentum for staler stages (Ajanthan et al.'s ``--adaptive_momentum``): the first
+    beta of Adam-family groups becomes $\beta_1 + D (\beta^\star - \beta_1) / K$ ($K$ stages),
+    set once when the worker is built (the checkpoint stores it).
+
+    Args:
+        target: $\beta^\star$ (0.99 in the authors' code).
+    """
+
+    def __init__(self, target: float = 0.99) -> None:
+        self.target = _number(target, "target", high=1.0, high_open=True)
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if ctx.num_stages is None:
+            raise ValueError("AdaptiveMomentum needs the number of stages (StageWorker("
+                             "num_stages=...))")
+        for g in optimizer.param_groups:
+            if "betas" not in g:
+                raise ValueError(f"AdaptiveMomentum changes the first beta of Adam-family "
+                                 f"optimizers; got {type(optimizer).__name__}")
+        if len(optimizer.state):  # set when the optimizer was fresh; a resumed stage keeps it
+            return optimizer
+        for g in optimizer.param_groups:
+            b1, b2 = g["betas"]
+            g["betas"] = (b1 + ctx.delay * (self.target - b1) / ctx.num_stages, b2)
+        return optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate
+# ---------------------------------------------------------------------------------------------
+
+
+class DelayScaledLR(StageTransform):
+    r"""The stage's learning rate times $\max(c + D, 1)^{-p\,r(t)}$.
+
+    $r(t) = 1 - \min(t / T, 1)$ after $t$ updates when ``anneal_updates`` $= T$ is given
+    (PipeMare's warm-up of the stale stages back to the full rate; Ajanthan et al.'s
+    ``lr_correction`` with $c = 0$), else $r = 1$ (a constant factor: the $\eta \le 1/(L\tau)$
+    of delayed-SGD analyses). The factor applies for the duration of each update and to the
+    predicted weights; the optimizer's ``lr`` (what schedulers set and checkpoints store) is
+    unchanged.
+
+    Args:
+        power: $p \ge 0$.
+        offset: $c \ge 0$ (1: the factor is $1/(1 + D)$, 1 for an undelayed stage).
+        anneal_updates: $T \ge 1$, or ``None``.
+    """
+
+    def __init__(self, power: float = 1.0, offset: float = 1.0,
+                 anneal_updates: int | None = None) -> None:
+        self.power = _number(power, "power")
+        self.offset = _number(offset, "offset")
+        if anneal_updates is not None and (isinstance(anneal_updates, bool) or not isinstance(
+                anneal_updates, int) or anneal_updates < 1):
+            raise ValueError(f"anneal_updates must be None or an int >= 1, got "
+                             f"{anneal_updates!r}")
+        self.anneal_updates = anneal_updates
+
+    def lr_scale(self, ctx: StageContext, updates: int) -> float:
+        base = max(self.offset + ctx.delay, 1.0)
+        r = 1.0 if self.anneal_updates is None else 1.0 - min(updates / self.anneal_updates, 1.0)
+        return base ** (-self.power * r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrections of the update
+# ---------------------------------------------------------------------------------------------
+
+
+def _adam_terms(optimizer: Optimizer, group: dict[str, Any], p: Tensor
+                ) -> tuple[Tensor, Tensor] | None:
+    """``(m_hat, sqrt(v_hat) + eps)`` of an Adam/AdamW parameter after its step."""
+    st = optimizer.state.get(p)
+    if not st or "exp_avg" not in st:
+        return None
+    b1, b2 = (float(b) for b in group["betas"])
+    step = float(st["step"])
+    v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+    m_hat = st["exp_avg"] / (1.0 - b1 ** step)
+    denom = (v / (1.0 - b2 ** step)).sqrt_().add_(float(group["eps"]))
+    return m_hat, denom
+
+
+class QuasiHyperbolicMomentum(StageTransform):
+    r"""Mix the fresh gradient into the momentum direction: the update of a stage becomes
+    $\eta\,[\nu\,\hat m + (1 - \nu)\,\tilde g] / (\sqrt{\hat v} + \epsilon)$ for Adam and AdamW
+    ($\tilde g$: the gradient, plus the L2 term for Adam, sign-flipped under ``maximize``) and
+    $\eta\,[\nu\,b + (1 - \nu)\,\tilde g / (1 - \mu)]$ for momentum SGD (torch's buffer
+    $b \leftarrow \mu b + \tilde g$), with $\nu = 1$ the optimizer as it is. Applied after the
+    optimizer's own step as $w \leftarrow w - \eta (1 - \nu) (\tilde g - \hat m) /
+    (\sqrt{\hat v} + \epsilon)$, resp. $w - \eta (1 - \nu)(\tilde g / (1 - \mu) - b)$: one
+    more pass over the weights.
+
+    Args:
+        nu: $\nu \in [0, 1]$; ``"delay"`` for $\nu = \beta_1^{D}$ (Spike Compensation's split:
+            an undelayed stage keeps its optimizer).
+    """
+
+    def __init__(self, nu: float | str = 0.5) -> None:
+        if nu != "delay":
+            nu = _number(nu, "nu", high=1.0)
+        self.nu = nu
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if isinstance(optimizer, _ADAM_LIKE) and not isinstance(optimizer, torch.optim.NAdam):
+            return optimizer
+        if isinstance(optimizer, torch.optim.SGD) and all(
+                g.get("momentum", 0) and not g.get("nesterov") and not g.get("dampening", 0)
+                for g in optimizer.param_groups):
+            return optimizer
+        raise ValueError(f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD "
+                         f"(without nesterov or dampening); got {type(optimizer).__name__}")
+
+    def _nu(self, group: dict[str, Any], ctx: StageContext) -> float:
+        if self.nu == "delay":
+            beta = float(group["betas"][0]) if "betas" in group else float(group["momentum"])
+            return beta ** ctx.delay
+        return float(self.nu)
+
+    @torch.no_grad()
+    def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        opt = update.optimizer
+        for group in opt.param_groups:
+            nu = self._nu(group, ctx)
+            if nu == 1.0:
+                continue
+            lr = float(group["lr"])
+            sign = -1.0 if group.get("maximize") else 1.0
+            for p in group["params"]:
+                if p.grad is None or p.grad.is_sparse:
+                    continue
+                g = p.grad * sign
+                if "betas" in group:
+                    terms = _adam_terms(opt, group, p)
+                    if terms is None:
+                        continue
+                    m_hat, denom = terms
+                    if not isinstance(opt, torch.optim.AdamW) and group["weight_decay"]:
+                        g = g.add(p, alpha=float(group["weight_decay"]))
+                    p.addcdiv_(g.sub_(m_hat), denom, value=-lr * (1.0 - nu))
+                else:
+                    buf = opt.state.get(p, {}).get("momentum_buffer")
+                    if buf is None:
+                        continue
+                    if group["weight_decay"]:
+                        g = g.add(p, alpha=float(group["weight_decay"]))
+                    mu = float(group["momentum"])
+                    p.add_(g.div_(1.0 - mu).sub_(buf), alpha=-lr * (1.0 - nu))
+
+
+class DelayCompensation(StageTransform):
+    r"""DC-ASGD's delay-compensated gradient (Zheng et al., 2017):
+    $g \leftarrow g + \lambda\,g \odot g \odot (w_{now} - w_{fwd})$, where $w_{fwd}$ are the
+    weights the micro-batch's forward ran on and $w_{now}$ the stage's weights when its
+    gradient is applied. With ``adaptive`` (DC-ASGD-a), $\lambda = \lambda_0 /
+    \sqrt{\overline{g^2} + \epsilon}$ elementwise, $\overline{g^2}$ an EMA (factor ``beta``) of
+    the squared gradients kept in the worker's transform state (:attr:`UpdateContext.state`,
+    part of a stage checkpoint).
+
+    Args:
+        lam: $\lambda$ (or $\lambda_0$ when adaptive).
+        adaptive: Use DC-ASGD-a's adaptive $\lambda$.
+        beta: EMA factor of $\overline{g^2}$.
+        eps: $\epsilon$.
+    """
+
+    needs_forward_weights = True
+    STATE_KEY = "dc_mean_square"
+
+    def __init__(self, lam: float = 2.0, adaptive: bool = True, beta: float = 0.95,
+                 eps: float = 1e-7) -> None:
+        self.lam = _number(lam, "lam")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be a bool, got {adaptive!r}")
+        self.adaptive = adaptive
+        self.beta = _number(beta, "beta", high=1.0, high_open=True)
+        self.eps = _number(eps, "eps", low_open=True)
+
+    @torch.no_grad()
+    def correct_gradients(self, ctx: StageContext, update: UpdateContext, mb: int,
+                          grads: list[Tensor | None], forward_weights: list[Tensor] | None
+                          ) -> None:
+        if forward_weights is None:
+            return
+        for p, g, w in zip(update.params, grads, forward_weights):
+            if g is None or g.is_sparse:
+                continue
+            lam: Tensor | float = self.lam
+            if self.adaptive:
+                st = update.state.setdefault(p, {})
+                ms = st.get(self.STATE_KEY)
+                if ms is None:
+                    ms = st[self.STATE_KEY] = g * g
+                else:
+                    ms.mul_(self.beta).addcmul_(g, g, value=1.0 - self.beta)
+                lam = ms.add(self.eps).rsqrt_().mul_(self.lam)
+            if w.data_ptr() == p.data_ptr():
+                continue  # forward ran on the current weights: no delay to compensate
+            g.add_(g * g * (p.detach() - w) * lam)

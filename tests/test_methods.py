@@ -1,0 +1,390 @@
+"""The method registry and the per-stage transforms: one suite every method goes through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from predictopt.data import mlp_stages
+from predictopt.pipeline import (
+    PB_METHODS,
+    Method,
+    PipelineSimulator,
+    StageContext,
+    StageWorker,
+    available_methods,
+    get_method,
+    register_method,
+)
+from predictopt.pipeline import methods as methods_mod
+from predictopt.pipeline.transforms import (
+    AdaptiveMomentum,
+    DelayCompensation,
+    DelayScaledLR,
+    NesterovMomentum,
+    QuasiHyperbolicMomentum,
+    SpikeCompensation,
+)
+from predictopt.spike import SpikeCompensatedSGD
+from tests._hyp import props
+
+torch.set_num_threads(1)
+
+IN, HID, OUT = 5, 8, 3
+PIPELINE_METHODS = [m for m in available_methods()
+                    if get_method(m).schedules is None and not get_method(m).staleness_free]
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def accepts(method: str, make) -> bool:
+    try:
+        PipelineSimulator(mlp_stages(IN, HID, OUT, 2), make, method=method, n_microbatches=4)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(16, IN, generator=gen), torch.randint(0, OUT, (16,), generator=gen)
+
+
+def weights(stages):
+    return [p.detach().clone() for m in stages for p in m.parameters()]
+
+
+def train(method, x, y, *, stages=3, make=adamw, steps=3, schedule="1F1B", n=4, **kw):
+    ms = mlp_stages(IN, HID, OUT, stages, seed=1)
+    sim = PipelineSimulator(ms, make, method=method, schedule=schedule, n_microbatches=n, **kw)
+    losses = []
+    for _ in range(steps):
+        losses += sim.step(x, y)
+    return weights(ms), losses, sim
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_registry_names_and_values():
+    names = available_methods()
+    for required in ("sequential", "gpipe", "pipedream", "pipedream-2bw", "spectrain", "xpipe",
+                     "pipeoptim", "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd",
+                     *PB_METHODS):
+        assert required in names
+        assert get_method(required).name == required
+    m = get_method("pipeoptim")
+    assert get_method(m) is m and str(m) == "pipeoptim" and m.predicts
+    with pytest.raises(ValueError, match="method must be one of .*pipeoptim"):
+        get_method("no-such-method")
+    with pytest.raises(ValueError, match="registered already"):
+        register_method(get_method("pipedream"))
+    with pytest.raises(TypeError, match="Method"):
+        register_method("pipedream")  # type: ignore[arg-type]
+
+
+def test_method_fields_are_checked():
+    with pytest.raises(ValueError, match="forward must be one of"):
+        Method("x", forward="stashed")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        Method("x", backward="old")
+    with pytest.raises(TypeError, match="transforms"):
+        Method("x", transforms=("lr",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        Method("")
+
+
+def test_a_new_method_is_one_object(batch, monkeypatch):
+    """Registering a value is all it takes: the simulator runs it by name."""
+    monkeypatch.setattr(methods_mod, "_REGISTRY", dict(methods_mod._REGISTRY))
+    mine = get_method("pipedream").with_(name="mine", transforms=(DelayScaledLR(power=2.0),))
+    register_method(mine)
+    x, y = batch
+    w_name, l_name, sim = train("mine", x, y)
+    w_obj, l_obj, _ = train(mine, x, y)
+    assert sim.method == "mine" and sim.spec is mine
+    assert l_name == l_obj and all(torch.equal(a, b) for a, b in zip(w_name, w_obj))
+
+
+# ------------------------------------------------------------------ the shared suite
+
+
+# pipedream-2bw lags one update by design, with or without a pipeline: it has no undelayed twin
+@pytest.mark.parametrize("method", [m for m in PIPELINE_METHODS
+                                    if get_method(m).forward != "previous"])
+def test_every_method_without_delay_is_its_staleness_free_twin(batch, method):
+    """One stage has no delay: every method then trains exactly as the staleness-free run with
+    the same transforms and cadence (its forward, backward and prediction add nothing)."""
+    x, y = batch
+    spec = get_method(method)
+    for make in (adamw, sgd):
+        if not accepts(method, make):
+            continue
+        twin = spec.with_(name="twin", forward="current", backward="forward",
+                          staleness_free=spec.cadence.kind == "microbatch")
+        wa, la, _ = train(spec, x, y, stages=1, make=make)
+        wb, lb, _ = train(twin, x, y, stages=1, make=make)
+        assert la == lb
+        assert all(torch.equal(a, b) for a, b in zip(wa, wb))
+
+
+@pytest.mark.parametrize("method", PIPELINE_METHODS)
+def test_every_method_is_deterministic_and_learns(batch, method):
+    x, y = batch
+    for make in (adamw, sgd):
+        if not accepts(method, make):
+            continue
+        wa, la, sim = train(method, x, y, make=make, steps=4)
+        wb, lb, _ = train(method, x, y, make=make, steps=4)
+        assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+        assert all(torch.isfinite(w).all() for w in wa)
+        assert sum(w.num_updates for w in sim.workers) > 0
+
+
+@pytest.mark.parametrize("method", PIPELINE_METHODS)
+def test_every_method_runs_on_a_zero_bubble_schedule(batch, method):
+    x, y = batch
+    _, losses, sim = train(method, x, y, stages=4, schedule="ZBVZeroBubble", steps=2)
+    assert len(losses) == 8 and all(w.num_backwards == 8 for w in sim.workers)
+
+
+# ------------------------------------------------------------------ transforms
+
+
+def ctx(delay: int = 3, num_stages: int = 4) -> StageContext:
+    return StageContext(staleness=(0, delay), update_every=1, stage=0, num_stages=num_stages)
+
+
+def test_delay_scaled_lr_factor():
+    assert DelayScaledLR().lr_scale(ctx(3), 0) == 0.25
+    assert DelayScaledLR(power=2.0).lr_scale(ctx(3), 10) == 1 / 16
+    assert DelayScaledLR(offset=0.0).lr_scale(ctx(0), 0) == 1.0
+    annealed = DelayScaledLR(anneal_updates=10)
+    assert annealed.lr_scale(ctx(3), 0) == 0.25 and annealed.lr_scale(ctx(3), 10) == 1.0
+    assert annealed.lr_scale(ctx(3), 5) == pytest.approx(0.5)
+    for bad in ({"power": -1.0}, {"offset": float("nan")}, {"anneal_updates": 0}):
+        with pytest.raises(ValueError):
+            DelayScaledLR(**bad)
+
+
+@props(25)
+@given(lr=st.floats(1e-4, 1e-1), delay=st.integers(0, 5), steps=st.integers(1, 3))
+def test_delay_scaled_lr_is_the_optimizer_at_the_scaled_rate(lr, delay, steps):
+    """The update is torch's at lr * factor, bit for bit (same trajectory as pipedream with the
+    scaled rate), and the optimizer's lr (what schedulers set and checkpoints store) is
+    untouched."""
+    table = list(range(delay + 1))  # all forwards, then all backwards: s(i) = i
+
+    def run(method, rate):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 2)
+        w = StageWorker(m, torch.optim.AdamW(m.parameters(), lr=rate), staleness=table,
+                        method=method)
+        x = torch.randn(4, 3)
+        for _ in range(steps):
+            outs = [w.forward(i, x + i) for i in table]
+            for i in table:
+                w.backward(i, loss=outs[i].square().mean())
+        return m, w
+
+    dl = get_method("pipedream").with_(name="dl", transforms=(DelayScaledLR(),))
+    m1, w1 = run(dl, lr)
+    m2, _ = run("pipedream", lr * (1.0 / (1.0 + delay)))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert w1.optimizer.param_groups[0]["lr"] == lr
+
+
+def test_delay_scaled_lr_reaches_the_prediction():
+    """A predicting method predicts with the learning rate the updates will use."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    spec = get_method("pipeoptim").with_(name="po-dl", transforms=(DelayScaledLR(),))
+    w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), method=spec,
+                    staleness=[0, 1, 1])  # two updates in flight at most
+    x = torch.randn(4, 3)
+    out = w.forward(0, x)
+    w.backward(0, loss=out.square().mean())
+    buf = {p: w.optimizer.state[p]["momentum_buffer"].clone() for p in m.parameters()}
+    real = {p: p.detach().clone() for p in m.parameters()}
+    seen = {}
+    handle = m.register_forward_pre_hook(lambda mod, a: seen.update(
+        weight=mod.weight.detach().clone()))
+    w.forward(1, x)
+    handle.remove()
+    factor = w.lr_scale()
+    assert factor == 0.5
+    expected = real[m.weight] - 1 * (0.1 * factor) * buf[m.weight]
+    assert torch.equal(seen["weight"], expected)
+
+
+def test_nesterov_momentum_is_torch_nadam(batch):
+    x, y = batch
+    spec = Method("nag", transforms=(NesterovMomentum(),), staleness_free=True)
+
+    def nadam(p):
+        return torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)
+
+    wa, la, sim = train(spec, x, y, stages=2)
+    wb, lb, _ = train("sequential", x, y, stages=2, make=nadam)
+    assert isinstance(sim.workers[0].optimizer.optimizer, torch.optim.NAdam)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    nag_sgd = train(spec, x, y, stages=2, make=sgd)
+    ref_sgd = train("sequential", x, y, stages=2,
+                    make=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True))
+    assert nag_sgd[1] == ref_sgd[1]
+    beta = NesterovMomentum(beta1=0.99).prepare(adamw(torch.nn.Linear(2, 2).parameters()), ctx())
+    assert beta.param_groups[0]["betas"] == (0.99, 0.999)
+    with pytest.raises(ValueError, match="Nesterov momentum converts"):
+        NesterovMomentum().prepare(torch.optim.RMSprop(torch.nn.Linear(2, 2).parameters()),
+                                   ctx())
+
+
+def test_conversions_need_a_fresh_optimizer():
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="fresh"):
+        NesterovMomentum().prepare(opt, ctx())
+    s = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    s.step()
+    with pytest.raises(ValueError, match="fresh"):
+        SpikeCompensation().prepare(s, ctx())
+
+
+def test_spike_compensation_is_idempotent():
+    m = torch.nn.Linear(2, 2)
+    first = SpikeCompensation().prepare(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                        ctx(3))
+    assert isinstance(first, SpikeCompensatedSGD) and first.param_groups[0]["delay"] == 3
+    again = SpikeCompensation().prepare(first, ctx(5))
+    assert again is first and first.param_groups[0]["delay"] == 5
+
+
+def test_adaptive_momentum_follows_the_delay():
+    m = torch.nn.Linear(2, 2)
+    opt = AdaptiveMomentum(0.99).prepare(torch.optim.AdamW(m.parameters()), ctx(3, 4))
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.9 + 3 * 0.09 / 4)
+    with pytest.raises(ValueError, match="number of stages"):
+        AdaptiveMomentum().prepare(torch.optim.AdamW(m.parameters()),
+                                   StageContext((0, 1), 1, None, None))
+
+
+def _qh_reference_adamw(p, grads, lr, nu, wd=0.0):
+    """QH-AdamW written out (Ma & Yarats' QHAdam with nu2 = 1, decoupled decay)."""
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t, g in enumerate(grads, 1):
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * (nu * m_hat + (1 - nu) * g) / (v_hat.sqrt() + eps)
+    return p
+
+
+@props(25)
+@given(nu=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]), steps=st.integers(1, 5),
+       seed=st.integers(0, 100))
+def test_quasi_hyperbolic_momentum_matches_its_formula(nu, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    p0 = torch.randn(6, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1)
+    bare = torch.nn.Parameter(p0.clone())
+    bare_opt = torch.optim.AdamW([bare], lr=0.01, weight_decay=0.1)
+    qh = QuasiHyperbolicMomentum(nu)
+    qh.prepare(opt, ctx())
+    from predictopt.pipeline.methods import UpdateContext
+
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        qh.after_step(ctx(), UpdateContext(opt, [p], 0))
+        bare.grad = g.clone()
+        bare_opt.step()
+    expected = _qh_reference_adamw(p0, grads, 0.01, nu, wd=0.1)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+    if nu == 1.0:
+        assert torch.equal(p.detach(), bare.detach())
+
+
+@props(25)
+@given(nu=st.sampled_from([0.0, 0.5, 1.0]), steps=st.integers(1, 5), seed=st.integers(0, 100))
+def test_quasi_hyperbolic_momentum_for_sgd(nu, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    p0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    qh = QuasiHyperbolicMomentum(nu)
+    from predictopt.pipeline.methods import UpdateContext
+
+    ref, b = p0.clone(), None
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        qh.after_step(ctx(), UpdateContext(opt, [p], 0))
+        b = g.clone() if b is None else 0.9 * b + g
+        ref = ref - 0.05 * (nu * b + (1 - nu) * g / (1 - 0.9))
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="quasi-hyperbolic"):
+        qh.prepare(torch.optim.SGD([p], lr=0.1), ctx())
+
+
+def test_quasi_hyperbolic_delay_split_is_spike_compensation_for_sgd():
+    qh = QuasiHyperbolicMomentum("delay")
+    assert qh._nu({"momentum": 0.9}, ctx(3)) == pytest.approx(0.9 ** 3)
+    assert qh._nu({"betas": (0.8, 0.99)}, ctx(0)) == 1.0
+
+
+def test_delay_compensation_formula():
+    """DC-ASGD: g + lam * g * g * (w_now - w_fwd); adaptive lam = lam0 / sqrt(EMA g^2)."""
+    from predictopt.pipeline.methods import UpdateContext
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    w_fwd = torch.tensor([0.5, 2.5])
+    g = torch.tensor([0.2, -0.4])
+    dc = DelayCompensation(lam=2.0, adaptive=False)
+    grads = [g.clone()]
+    dc.correct_gradients(ctx(), UpdateContext(torch.optim.SGD([p], lr=0.1), [p], 0), 0, grads,
+                         [w_fwd])
+    assert torch.equal(grads[0], g + 2.0 * g * g * (p.detach() - w_fwd))
+    dca = DelayCompensation(lam=2.0, adaptive=True, beta=0.5, eps=1e-7)
+    state: dict = {}
+    up = UpdateContext(torch.optim.SGD([p], lr=0.1), [p], 0, state=state)
+    grads = [g.clone()]
+    dca.correct_gradients(ctx(), up, 0, grads, [w_fwd])
+    lam = 2.0 / (g * g + 1e-7).sqrt()
+    torch.testing.assert_close(grads[0], g + lam * g * g * (p.detach() - w_fwd))
+    assert torch.equal(state[p]["dc_mean_square"], g * g)
+    grads = [g.clone()]
+    dca.correct_gradients(ctx(), up, 0, grads, [p.detach()])  # no delay: only the EMA moves
+    assert torch.equal(grads[0], g)
+
+
+def test_dc_asgd_keeps_forward_weights_only_until_the_backward(batch):
+    x, y = batch
+    _, losses, sim = train("dc-asgd", x, y, stages=3)
+    assert all(not w.in_flight for w in sim.workers)
+    assert all(len(w.transform_state) > 0 for w in sim.workers)
+
+
+def test_worker_rejects_a_conversion_of_a_wrapped_optimizer():
+    from predictopt import PredictiveOptimizer
+
+    m = torch.nn.Linear(2, 2)
+    opt = PredictiveOptimizer(torch.optim.AdamW(m.parameters()), steps=1)
+    with pytest.raises(ValueError, match="converts the stage optimizer"):
+        StageWorker(m, opt, method="nesterov", staleness=[0, 1])
