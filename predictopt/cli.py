@@ -1,11 +1,18 @@
 """The ``predictopt`` command line: compare pipeline methods, show staleness tables.
 
-``predictopt compare`` trains the same stage-split MLP with several pipeline methods in the
-single-process simulator (:mod:`predictopt.pipeline.simulator`) on a data set bundled with
+``predictopt compare`` (``--task lm``, the default) trains the language-model yardstick of
+:mod:`predictopt.lm` (a character-level transformer, one block per stage, on a corpus that
+ships with Python or a text file of yours) with several pipeline methods in the single-process
+simulator (:mod:`predictopt.pipeline.simulator`, bit-exact to a distributed run) and reports
+the held-out loss and the iso-loss sample overhead of every method against the staleness-free
+``sequential`` run (:mod:`predictopt.study`; ``results.json``, ``runs.jsonl`` and ``curves.png``
+in ``--out``).
+
+``predictopt compare --task mlp`` trains a stage-split MLP on a data set bundled with
 scikit-learn and reports final training loss, test accuracy, time and staleness per method
 (``results.json`` and ``curves.png`` in ``--out``).
 
-Besides the methods of :data:`predictopt.pipeline.semantics.METHODS` (the default list),
+For ``--task mlp``, besides the methods of :data:`METHODS_MLP` (its default list),
 ``--methods`` accepts the fine-grained Pipelined Backpropagation methods ``pb``, ``pb-sc``,
 ``pb-lwp`` and ``pb-sc-lwp`` (:mod:`predictopt.pipeline.pb`; not run by default: each takes
 several times longer than all default methods together). They run the paper's setting whatever
@@ -66,6 +73,9 @@ PB_SYNC = "pb-sync"
 _DEFAULTS = {"dataset": "digits", "stages": 4, "schedule": "1F1B", "optimizer": "adamw",
              "microbatch_size": 32, "microbatches": 8, "epochs": 10, "hidden": 64,
              "activation": "tanh", "seed": 0, "seeds": 1}
+#: The language-model task's defaults (the yardstick of the study, docs/study.md).
+_LM_DEFAULTS = {"stages": 8, "microbatch_size": 8, "steps": 150, "horizon": 1.3,
+                "eval_every": 5, "context": 64, "dim": 96}
 
 #: Per-seed result fields that ``--seeds N`` (N > 1) averages, adding ``<key>_mean`` and
 #: ``<key>_std`` (sample standard deviation) per method.
@@ -126,12 +136,12 @@ def _positive_float(text: str) -> float:
 
 
 def _methods(text: str) -> list[str]:
-    from .pipeline.semantics import METHODS
+    from .pipeline import available_methods
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
-    known = METHODS + _pb_methods()
+    known = tuple(available_methods()) + (PB_SYNC,)
     bad = [m for m in names if m not in known]
     if bad:
         raise argparse.ArgumentTypeError(
@@ -163,10 +173,22 @@ def _schedule(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+#: The methods ``--task mlp`` runs by default (the paper methods).
+METHODS_MLP: tuple[str, ...] = ("sequential", "gpipe", "pipedream", "pipedream-2bw", "spectrain",
+                                "xpipe", "pipeoptim", "pipeoptim-lean")
+
+
+def _lm_methods() -> tuple[str, ...]:
+    from .pipeline import DEFAULT_METHOD
+
+    return tuple(dict.fromkeys(("sequential", "pipedream", "pipeoptim", DEFAULT_METHOD)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``predictopt`` argument parser."""
     from .data import DATASETS
-    from .pipeline.semantics import METHODS
+
+    lm_methods = _lm_methods()
 
     parser = argparse.ArgumentParser(
         prog="predictopt",
@@ -176,16 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
-        help="train a stage-split MLP with several pipeline methods and compare them",
-        description="Train the same stage-split MLP with several pipeline methods (simulated "
-                    "in one process, bit-exact to a distributed run) and compare final training "
-                    "loss, test accuracy, time and staleness.",
+        help="train a model with several pipeline methods and compare them",
+        description="Train the same model with several pipeline methods (simulated in one "
+                    "process, bit-exact to a distributed run) and compare them. --task lm "
+                    "(default): a character-level transformer language model, one block per "
+                    "stage; held-out loss and iso-loss sample overhead against the "
+                    "staleness-free run. --task mlp: a stage-split MLP on a scikit-learn data "
+                    "set; final training loss, test accuracy, time and staleness.",
     )
     d = _DEFAULTS
+    c.add_argument("--task", choices=("lm", "mlp"), default="lm",
+                   help="lm: the transformer language model; mlp: a stage-split MLP "
+                        "(default: %(default)s)")
     c.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
-                   help="scikit-learn bundled data set (default: %(default)s)")
-    c.add_argument("--stages", type=_positive_int, default=d["stages"],
-                   help="number of pipeline stages K = MLP layers (default: %(default)s); "
+                   help="mlp: scikit-learn bundled data set (default: %(default)s)")
+    c.add_argument("--stages", type=_positive_int, default=None,
+                   help=f"number of pipeline stages K (lm: transformer blocks, default "
+                        f"{_LM_DEFAULTS['stages']}; mlp: layers, default {d['stages']}); "
                         "num_ranks = K, or K/2 for 2-stages-per-rank schedules")
     c.add_argument("--schedule", type=_schedule, default=d["schedule"],
                    help="torch pipeline schedule (default: %(default)s)")
@@ -195,20 +224,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: per optimizer, "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     c.add_argument("--microbatch-size", type=_positive_int, default=None,
-                   help=f"samples per micro-batch (default: {d['microbatch_size']}, capped so that "
-                        "an epoch has at least 4 steps on small data sets)")
+                   help=f"samples per micro-batch (lm: sequences, default "
+                        f"{_LM_DEFAULTS['microbatch_size']}; mlp: default {d['microbatch_size']}, "
+                        "capped so that an epoch has at least 4 steps on small data sets)")
     c.add_argument("--microbatches", type=_positive_int, default=d["microbatches"],
                    help="micro-batches per step (default: %(default)s)")
     c.add_argument("--epochs", type=_positive_int, default=d["epochs"],
-                   help="passes over the training set (default: %(default)s)")
-    c.add_argument("--methods", type=_methods, default=list(METHODS),
-                   help="comma-separated methods (default: " + ",".join(METHODS) + "; also "
-                        "the Pipelined Backpropagation methods " + ",".join(_pb_methods())
-                        + ", pb-sync being their synchronous per-sample SGD reference)")
+                   help="mlp: passes over the training set (default: %(default)s)")
+    c.add_argument("--steps", type=_positive_int, default=_LM_DEFAULTS["steps"],
+                   help="lm: training steps of the staleness-free run; the final held-out loss "
+                        "of every method is read there (default: %(default)s)")
+    c.add_argument("--horizon", type=_positive_float, default=_LM_DEFAULTS["horizon"],
+                   help="lm: the other methods train horizon x --steps steps, so that iso-loss "
+                        "overheads up to it can be measured (default: %(default)s)")
+    c.add_argument("--eval-every", type=_positive_int, default=_LM_DEFAULTS["eval_every"],
+                   help="lm: steps between held-out evaluations (default: %(default)s)")
+    c.add_argument("--corpus", type=str, default=None,
+                   help="lm: a UTF-8 text file (default: Python's own help topics, "
+                        "pydoc_data.topics, which ship with every Python)")
+    c.add_argument("--context", type=_positive_int, default=_LM_DEFAULTS["context"],
+                   help="lm: characters per sequence (default: %(default)s)")
+    c.add_argument("--dim", type=_positive_int, default=_LM_DEFAULTS["dim"],
+                   help="lm: model width, 4 heads (default: %(default)s)")
+    c.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated methods (lm default: " + ",".join(lm_methods)
+                        + "; mlp default: " + ",".join(METHODS_MLP) + "); any registered "
+                        "method (predictopt.pipeline.available_methods()), for mlp also the "
+                        "Pipelined Backpropagation methods, pb-sync being their synchronous "
+                        "per-sample SGD reference")
     c.add_argument("--hidden", type=_positive_int, default=d["hidden"],
-                   help="hidden width of the MLP (default: %(default)s)")
+                   help="mlp: hidden width of the MLP (default: %(default)s)")
     c.add_argument("--activation", choices=("relu", "tanh", "gelu", "silu"),
-                   default=d["activation"], help="MLP activation (default: %(default)s)")
+                   default=d["activation"], help="mlp: activation (default: %(default)s)")
     c.add_argument("--update-every", type=_positive_int, default=None,
                    help="micro-batches per update for pipedream-2bw and xpipe (default: the "
                         "smallest divisor of --microbatches that is >= the number of stages)")
@@ -379,8 +426,51 @@ def _mean_std(r: dict[str, Any], key: str, fmt: str) -> str:
     return f"{format(r[f'{key}_mean'], fmt)} ± {format(r[f'{key}_std'], fmt)}"
 
 
+def _run_compare_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .study import LM_OPTIMIZERS, LMConfig, compare_lm
+
+    torch.set_num_threads(args.threads)
+    if args.optimizer not in LM_OPTIMIZERS:
+        parser.error(f"argument --optimizer: --task lm runs {', '.join(LM_OPTIMIZERS)}, got "
+                     f"{args.optimizer}")
+    methods = args.methods if args.methods is not None else list(_lm_methods())
+    if PB_SYNC in methods or any(m in _pb_methods() for m in methods):
+        parser.error("argument --methods: the Pipelined Backpropagation methods run with "
+                     "--task mlp only")
+    try:
+        cfg = LMConfig(stages=args.stages or _LM_DEFAULTS["stages"], schedule=args.schedule,
+                       optimizer=args.optimizer, lr=args.lr, microbatches=args.microbatches,
+                       microbatch_size=args.microbatch_size or _LM_DEFAULTS["microbatch_size"],
+                       context=args.context, dim=args.dim, steps=args.steps,
+                       horizon=args.horizon, eval_every=args.eval_every, corpus=args.corpus)
+        from .pipeline import PipelineSimulator, get_method
+        from .study import make_lm_optimizer
+
+        for m in methods:  # configuration errors before any training
+            make = make_lm_optimizer(cfg.optimizer, cfg.learning_rate)
+            PipelineSimulator(_probe_stages(cfg), make, method=get_method(m),
+                              schedule=cfg.schedule, n_microbatches=cfg.microbatches)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    compare_lm(cfg, methods, seeds, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _probe_stages(cfg: Any) -> list[torch.nn.Module]:
+    """Tiny stand-in stages with the layout of the run (for configuration checks)."""
+    return [torch.nn.Linear(2, 2) for _ in range(cfg.stages)]
+
+
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tqdm import tqdm
+
+    if args.task == "lm":
+        return _run_compare_lm(args, parser)
+    if args.methods is None:
+        args.methods = list(METHODS_MLP)
+    if args.stages is None:
+        args.stages = _DEFAULTS["stages"]
 
     from .data import load_dataset, mlp_stages
     from .pipeline.schedules import stage_to_rank

@@ -106,10 +106,15 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-def make_stages(num_stages: int, seed: int = 1) -> list[torch.nn.Module]:
+def make_stages(num_stages: int, seed: int = 1, dropout: float = 0.0) -> list[torch.nn.Module]:
+    """The test MLP; with ``dropout``, every stage but the last ends with a Dropout."""
     from predictopt.data import mlp_stages
 
-    return mlp_stages(IN, HID, OUT, num_stages, seed=seed)
+    stages = mlp_stages(IN, HID, OUT, num_stages, seed=seed)
+    if dropout:
+        stages = [torch.nn.Sequential(*m, torch.nn.Dropout(dropout)) if k < num_stages - 1
+                  else m for k, m in enumerate(stages)]
+    return stages
 
 
 def make_batches(n: int, steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -166,11 +171,11 @@ def run_steps(rank_stages: list[Any], schedule: Any, batches: list[tuple[Any, An
 
 
 def simulate(schedule: str, world_size: int, method: str, opt: str, n: int,
-             batches: list[tuple[Any, Any]], update_every: int | None = None, seed: int = 1
-             ) -> tuple[list[torch.nn.Module], torch.Tensor, Any]:
+             batches: list[tuple[Any, Any]], update_every: int | None = None, seed: int = 1,
+             dropout: float = 0.0) -> tuple[list[torch.nn.Module], torch.Tensor, Any]:
     from predictopt.pipeline import PipelineSimulator
 
-    modules = make_stages(world_size * spr_of(schedule), seed)
+    modules = make_stages(world_size * spr_of(schedule), seed, dropout)
     sim = PipelineSimulator(modules, OPTIMIZERS[opt], method=method, schedule=schedule,
                             n_microbatches=n, loss_fn=F.cross_entropy, update_every=update_every)
     losses: list[float] = []
@@ -202,7 +207,8 @@ def compare(tag: str, rank_stages: list[Any], losses: list[torch.Tensor],
 
 
 def config_tag(cfg: dict[str, Any]) -> str:
-    extra = "".join(f"/{k}" for k in ("builder", "attach", "scale_grads") if cfg.get(k))
+    extra = "".join(f"/{k}" for k in ("builder", "attach", "scale_grads", "dropout")
+                    if cfg.get(k))
     u = cfg.get("update_every")
     return (f"{cfg['schedule']}/{cfg['method']}/{cfg['opt']}/n={cfg['n']}"
             f"{'' if u is None else f'/u={u}'}{extra}")
@@ -224,7 +230,8 @@ def equivalence_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
         u = cfg.get("update_every")
         tag = config_tag(cfg)
         batches = make_batches(n, cfg["steps"], seed=i)
-        modules = make_stages(world_size * spr_of(schedule))
+        torch.manual_seed(100 + i)  # every process the same seed: the random streams agree
+        modules = make_stages(world_size * spr_of(schedule), dropout=cfg.get("dropout", 0.0))
         if cfg.get("builder"):
             stages, sched = build_pipeline(
                 modules, schedule, rank=rank, world_size=world_size, n_microbatches=n,
@@ -260,9 +267,11 @@ def check_against_simulator(world_size: int, configs: list[dict[str, Any]],
     for i, cfg in enumerate(configs):
         tag = config_tag(cfg)
         batches = make_batches(cfg["n"], cfg["steps"], seed=i)
+        torch.manual_seed(100 + i)
         ref_modules, ref_losses, _ = simulate(cfg["schedule"], world_size, cfg["method"],
                                               cfg["opt"], cfg["n"], batches,
-                                              cfg.get("update_every"))
+                                              cfg.get("update_every"),
+                                              dropout=cfg.get("dropout", 0.0))
         seen_stages: set[int] = set()
         seen_losses = 0
         for res in per_rank:

@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_compare_tiny_config_writes_results(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
+    rc = main(["compare", "--task", "mlp", "--dataset", "iris", "--stages", "2", "--epochs", "1",
                "--methods", "pipedream,pipeoptim", "--microbatch-size", "4",
                "--microbatches", "4", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -39,7 +39,7 @@ def test_compare_tiny_config_writes_results(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
 
 
-_TINY = ["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
+_TINY = ["compare", "--task", "mlp", "--dataset", "iris", "--stages", "2", "--epochs", "1",
          "--methods", "pipedream,pipeoptim", "--microbatch-size", "4", "--microbatches", "4",
          "--no-progress"]
 
@@ -92,7 +92,7 @@ def test_compare_one_seed_prints_no_std(tmp_path, capsys):
 
 
 def test_compare_two_stages_per_rank_schedule(tmp_path, capsys):
-    rc = main(["compare", "--dataset", "moons", "--stages", "4", "--schedule",
+    rc = main(["compare", "--task", "mlp", "--dataset", "moons", "--stages", "4", "--schedule",
                "interleaved1f1b", "--epochs", "1", "--methods", "xpipe", "--optimizer", "sgd",
                "--microbatches", "4", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
@@ -120,7 +120,7 @@ def test_compare_two_stages_per_rank_schedule(tmp_path, capsys):
 )
 def test_compare_bad_arguments(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["compare", "--out", str(tmp_path), *argv])
+        main(["compare", "--task", "mlp", "--out", str(tmp_path), *argv])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 

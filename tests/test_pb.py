@@ -284,7 +284,7 @@ def test_rejects_bad_configurations(kwargs, match):
 
 def test_compare_runs_pb_methods(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
+    rc = main(["compare", "--task", "mlp", "--dataset", "iris", "--stages", "2", "--epochs", "1",
                "--methods", "sequential,pb-sync," + ",".join(PB_METHODS),
                "--microbatch-size", "4",
                "--microbatches", "4", "--out", str(out), "--no-progress"])
@@ -308,13 +308,13 @@ def test_compare_runs_pb_methods(tmp_path, capsys):
 
 
 def test_compare_pb_lr_option_and_unknown_method(tmp_path, capsys):
-    rc = main(["compare", "--dataset", "iris", "--stages", "2", "--epochs", "1",
+    rc = main(["compare", "--task", "mlp", "--dataset", "iris", "--stages", "2", "--epochs", "1",
                "--methods", "pb", "--pb-lr", "0.003", "--microbatch-size", "4",
                "--microbatches", "4", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["pb_lr"] == 0.003
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["compare", "--methods", "pb,pb-foo", "--out", str(tmp_path)])
+        main(["compare", "--task", "mlp", "--methods", "pb,pb-foo", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "--methods" in capsys.readouterr().err

@@ -25,7 +25,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _dist  # noqa: E402
 from _dist import OPTIMIZERS, make_batches, make_native, make_stages  # noqa: E402
 
-from predictopt.pipeline import SUPPORTED_SCHEDULES, PipelineSimulator  # noqa: E402
+from predictopt.pipeline import (  # noqa: E402
+    SUPPORTED_SCHEDULES,
+    PipelineSimulator,
+    available_methods,
+    get_method,
+)
 
 pytest.importorskip("torch.distributed.pipelining")
 runtime = pytest.importorskip("predictopt.pipeline.runtime")
@@ -34,6 +39,9 @@ PredictiveStage = runtime.PredictiveStage
 torch.set_num_threads(1)
 
 ALL = list(SUPPORTED_SCHEDULES)
+#: Every registered method that runs on torch's schedules.
+PIPELINE_METHODS = [m for m in available_methods()
+                    if get_method(m).schedules is None and not get_method(m).staleness_free]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +75,20 @@ def equivalence_configs(world_size: int) -> list[dict]:
     if world_size == 2:
         others += [("xpipe", "InterleavedZeroBubble", "adam", 2),
                    ("pipedream-2bw", "GPipe", "adam", 4)]
+        # every other registered pipeline method once, alternating a plain and a split-backward
+        # schedule and the optimizers
+        covered = {m for m, *_ in others} | {"pipeoptim", "pipedream"}
+        rest = [m for m in PIPELINE_METHODS if m not in covered]
+        for i, m in enumerate(rest):
+            others.append((m, ("1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")[i % 3],
+                           ("adamw", "sgdm", "adam")[i % 3], None))
     cfgs += [{"schedule": s, "method": m, "opt": o, "n": n, "steps": steps, "update_every": u}
              for m, s, o, u in others]
+    # dropout: the random streams are a function of (seed, stage, step, micro-batch) only
+    dropout = [("pipeoptim", "1F1B", "adamw"), ("pipedream", "InterleavedZeroBubble", "sgdm"),
+               ("pipeoptim-lean", "ZBVZeroBubble", "adam")]
+    cfgs += [{"schedule": s, "method": m, "opt": o, "n": n, "steps": steps, "dropout": 0.3}
+             for m, s, o in (dropout if world_size == 2 else dropout[:1])]
     return cfgs
 
 
@@ -104,6 +124,7 @@ def test_equivalence_matrix_covers_the_brief() -> None:
         methods = {c["method"] for c in cfgs}
         assert {"pipeoptim", "pipedream", "gpipe", "spectrain", "xpipe",
                 "pipedream-2bw", "pipeoptim-lean"} <= methods
+    assert set(PIPELINE_METHODS) <= {c["method"] for c in equivalence_configs(2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,15 +419,103 @@ def test_constructor_and_attach_errors(one_rank) -> None:
         PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=0)
     with pytest.raises(ValueError, match="dw_builder"):
         PredictiveStage(m, 0, 1, "cpu", optimizer=opt, dw_builder=lambda: None)
-    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=2)
+    # what is known at construction fails at construction
     with pytest.raises(ValueError, match="update_every must be 1 for method 'pipeoptim'"):
-        runtime.attach(make_native([stage], "1F1B", 4))
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=2)
+    with pytest.raises(ValueError, match="update_every must be >= the number of stages"):
+        PredictiveStage(m, 0, 4, "cpu", optimizer=opt, method="pipedream-2bw", update_every=2)
+    with pytest.raises(ValueError, match="predicting methods only"):
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="pipedream", horizons=[0, 0])
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"stage 0: the optimizer's parameter group 0, tensor 2 "
+                                         r"\(shape \(2, 2\)\) is not a parameter"):
+        PredictiveStage(m, 0, 1, "cpu",
+                        optimizer=torch.optim.SGD([*m.parameters(), other.weight], lr=0.1))
     stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="xpipe", update_every=3)
     with pytest.raises(ValueError, match="must divide"):
         runtime.attach(make_native([stage], "GPipe", 4))
     stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, horizons=[1, 1])
     with pytest.raises(ValueError, match="horizons"):
         runtime.attach(make_native([stage], "GPipe", 4))
+
+
+def test_reattach_to_a_schedule_with_other_sizes(one_rank) -> None:
+    """torch allows a stage under a new schedule with another n_microbatches and batch size;
+    so does the stage, and its optimizer state carries over (checked against the simulator
+    run the same way)."""
+    stages = _stages("1F1B")
+    first = make_batches(4, 2, seed=5)
+    second = make_batches(2, 2, seed=6)
+    _dist.run_steps(stages, make_native(stages, "1F1B", 4), first)
+    losses = _dist.run_steps(stages, make_native(stages, "1F1B", 2), second)
+    assert stages[0].schedule_info[3] == 2
+    ref = make_stages(1)
+    sim_a = PipelineSimulator(ref, OPTIMIZERS["adamw"], method="pipeoptim", n_microbatches=4)
+    for x, y in first:
+        sim_a.step(x, y)
+    opt = sim_a.workers[0].optimizer
+    sim_b = PipelineSimulator(ref, lambda p: opt, method="pipeoptim", n_microbatches=2)
+    ref_losses = []
+    for x, y in second:
+        ref_losses += sim_b.step(x, y)
+    assert _dist.compare("reattach", stages, losses, ref,
+                         torch.tensor(ref_losses, dtype=torch.float32)) == []
+
+
+def test_a_subclass_with_another_order_is_rejected_before_any_work(one_rank) -> None:
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    class LooksLike1F1B(Schedule1F1B):
+        _step_microbatches = ScheduleGPipe._step_microbatches
+
+    stages = _stages("1F1B")
+    before = [p.detach().clone() for p in stages[0].submod.parameters()]
+    sched = LooksLike1F1B(stages[0], 4, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="cannot verify the order"):
+        runtime.attach(sched)
+    x, y = make_batches(4, 1)[0]
+    with pytest.raises(ValueError, match="cannot verify the order"):
+        sched.step(x, target=y)
+    assert stages[0].worker is None
+    assert all(torch.equal(a, b) for a, b in zip(before, stages[0].submod.parameters()))
+
+
+def test_forward_without_a_schedule_raises(one_rank) -> None:
+    stage = _stages("1F1B")[0]
+    stage.has_backward = False
+    with pytest.raises(RuntimeError, match="attach"):
+        stage.forward_one_chunk(0, (torch.randn(2, _dist.IN),))
+
+
+def test_the_next_step_runs_after_a_failed_one(one_rank, caplog) -> None:
+    calls = {"n": 0}
+
+    def flaky_loss(out, y):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the third micro-batch of the second step
+            raise ArithmeticError("boom")
+        return F.cross_entropy(out, y)
+
+    from torch.distributed.pipelining import Schedule1F1B
+
+    stages = _stages("1F1B")
+    sched = Schedule1F1B(stages[0], 4, loss_fn=flaky_loss)
+    batches = make_batches(4, 3, seed=2)
+    sched.step(batches[0][0], target=batches[0][1])
+    w = stages[0].worker
+    with caplog.at_level("WARNING", logger="predictopt.pipeline.runtime"), \
+            pytest.raises(ArithmeticError, match="boom"):
+        sched.step(batches[1][0], target=batches[1][1])
+    import re
+
+    found = re.search(r"dropped micro-batches \[([\d, ]+)\] in flight .* the (\d+) update\(s\) "
+                      r"this step had applied stay applied", caplog.text)
+    assert found, caplog.text
+    applied = int(found.group(2))
+    assert 0 < applied < 4 and w.in_flight == [] and w.num_updates == 4 + applied
+    losses: list = []
+    sched.step(batches[2][0], target=batches[2][1], losses=losses)  # runs normally
+    assert len(losses) == 4 and w.num_updates == 8 + applied and w.in_flight == []
 
 
 def test_init_distributed_arguments(monkeypatch) -> None:
@@ -439,3 +548,23 @@ def test_shape_inference_leaves_buffers_alone(one_rank) -> None:
     for a, b in zip(mods, ref, strict=True):
         for (name, t), u in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(t, u), name
+
+
+def test_the_torch_internals_the_runtime_reads_are_present(one_rank) -> None:
+    """The runtime's private-API use (the "torch access" section of runtime.py), pinned: a torch
+    release that renames any of these fails here, not in a user's run."""
+    import torch.distributed.pipelining.schedules as S
+
+    stages = _stages("1F1B")
+    for name in ("1F1B", "GPipe"):
+        sched = make_native(stages, name, 4)
+        for attr in ("_n_microbatches", "_loss_fn", "_has_backward", "_args_chunk_spec",
+                     "_kwargs_chunk_spec", "_internal_losses", "_stage"):
+            assert hasattr(sched, attr), attr
+        assert getattr(type(sched).step, "__predictopt_hook__", None) is not None
+    multi = make_native(_stages("Interleaved1F1B"), "Interleaved1F1B", 4)
+    assert hasattr(multi, "_stages") and hasattr(multi, "pipeline_order")
+    hooked = [c for c in runtime._HOOKED]
+    assert S.PipelineScheduleSingle in hooked and S.PipelineScheduleMulti in hooked
+    for cls in hooked:  # each wrapped once, torch's own method kept
+        assert cls.step.__predictopt_hook__ is runtime._HOOKED[cls]

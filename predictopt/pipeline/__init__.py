@@ -3,6 +3,7 @@ methods (:mod:`~predictopt.pipeline.methods`, one registry of :class:`Method` va
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
 from predictopt.pipeline.methods import (
+    DEFAULT_METHOD,
     Cadence,
     Method,
     StageContext,
@@ -84,6 +85,7 @@ __all__ = [
     "pb_local_orders",
     "pb_staleness",
     "pb_ticks",
+    "DEFAULT_METHOD",
     "Cadence",
     "Method",
     "StageContext",

@@ -52,6 +52,7 @@ from torch.optim import Optimizer
 from ..rules import PredictionRule, get_rule
 
 __all__ = [
+    "DEFAULT_METHOD",
     "Cadence",
     "Method",
     "StageContext",
@@ -64,6 +65,11 @@ __all__ = [
     "PER_STEP",
     "WINDOW",
 ]
+
+#: The method used when none is given (``PipelineSimulator``, ``PredictiveStage``, the
+#: Lightning strategy, ``predictopt compare``): the one the study (docs/study.md) found closest
+#: to staleness-free training on the transformer yardstick.
+DEFAULT_METHOD = "pipeoptim"
 
 FORWARD_SOURCES = ("current", "previous", "predicted")
 BACKWARD_SOURCES = ("forward", "current")

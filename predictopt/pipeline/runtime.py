@@ -24,25 +24,50 @@ object that drives it, in one of two ways:
 
 * **explicitly**: :func:`attach` ``(schedule)`` right after constructing the schedule (what
   :func:`build_pipeline` does). Every check runs there, before any work.
-* **automatically**: every ``schedule.step()`` / ``schedule.eval()`` first calls
-  ``clear_runtime_states()`` on each of the rank's stages, before any communication. The
-  stage's override finds the calling schedule on the call stack (the ``step`` frame whose
-  ``self`` is a torch schedule holding this stage) and attaches to it, so a plain
-  ``Schedule1F1B(stage, ...)`` needs nothing else. If a stage is driven without a schedule, its
-  first forward raises a :class:`RuntimeError` that says to call :func:`attach`.
+* **automatically**: importing this module wraps the ``step`` method of torch's schedule
+  classes (once, in :func:`_install_step_hooks`, the one place this module touches torch's
+  schedules): a call to ``schedule.step(...)`` / ``schedule.eval(...)`` whose schedule holds
+  :class:`PredictiveStage` objects first attaches them to that schedule (if they are not
+  attached to it yet) and validates the call, then runs torch's own ``step`` unchanged. The
+  wrapper passes every argument through as given; it reads only ``target`` (a keyword of
+  torch's public ``step``) and tells the model's keyword arguments from the schedule's own by
+  the wrapped method's signature. So a plain ``Schedule1F1B(stage, ...)`` needs nothing else.
+  A stage driven without a schedule raises a :class:`RuntimeError` at its first forward that
+  says to call :func:`attach`.
 
 Attaching identifies the schedule by its class (one of
-:data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`), reads ``_n_microbatches``, the group size
-and the rank's stage list, checks the placement of the stages (loop: stage ``s`` on rank
-``s % K``; V: rank ``r`` holds ``r`` and ``2K - 1 - r``), checks the schedule's own action
-order for this rank against :func:`predictopt.pipeline.schedule_actions`, computes the
-staleness table and builds one :class:`~predictopt.pipeline.StageWorker` per stage.
+:data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`, or a subclass that keeps the native action
+order), reads the number of micro-batches, the group size and the rank's stage list, checks the
+placement of the stages (loop: stage ``s`` on rank ``s % K``; V: rank ``r`` holds ``r`` and
+``2K - 1 - r``), verifies the schedule's own action order for this rank against
+:func:`predictopt.pipeline.schedule_actions` (multi-stage schedules: their ``pipeline_order``;
+single-stage ones: their micro-batch loop must be torch's native one, since that loop *is* the
+order), computes the staleness table and builds one :class:`~predictopt.pipeline.StageWorker`
+per stage. A stage can be attached to another schedule between steps (another number of
+micro-batches, another batch size): its optimizer state carries over.
 
 Each step is also validated before any communication on the ranks that see data: the batch
 (rank of stage 0) and the target (rank of the last stage) must split into ``n`` equal
-micro-batches, keep their shapes between consecutive steps of the same mode (torch sizes its
-receive buffers from the first step) and the target must be given when the schedule has a
-loss function.
+micro-batches, keep their shapes between consecutive steps of the same mode and schedule (torch
+sizes its receive buffers from a schedule's first step) and the target must be given when the
+schedule has a loss function.
+
+Failures
+--------
+If ``schedule.step()`` raises on a rank (a ``loss_fn`` that raises, a peer that died), the
+stages of that rank drop what the step left in flight (:meth:`StageWorker.abort_step`) and log,
+at ``WARNING``, which micro-batches were dropped and how many updates the step had applied
+already (those stay applied); the next ``step()`` runs normally.
+
+Random operations and threads
+-----------------------------
+Dropout and other random operations in a stage's forward draw from a stream seeded by the
+process's seed, the stage, the step and the micro-batch (:class:`StageWorker`), so a run in
+which every process called ``torch.manual_seed`` with the same value reproduces the simulator,
+dropout included. The equality also needs the same number of intra-op threads in every process
+and in the simulator (CPU reductions split work by thread count and round differently):
+:func:`check_determinism` compares the ranks' settings and warns when they differ (
+:func:`build_pipeline` calls it).
 
 Equivalence
 -----------
@@ -69,8 +94,11 @@ waiting forever (gloo's own default is 30 minutes).
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
+import logging
 import os
-import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -103,6 +131,7 @@ __all__ = [
     "PredictiveStage",
     "attach",
     "build_pipeline",
+    "check_determinism",
     "init_distributed",
     "schedule_name",
 ]
@@ -110,7 +139,7 @@ __all__ = [
 #: Default timeout, in seconds, of the process group created by :func:`init_distributed`.
 DEFAULT_TIMEOUT_S: float = 120.0
 
-_MAX_FRAMES = 12  # how far up the call stack clear_runtime_states looks for the schedule
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +283,7 @@ def attach(schedule: Any) -> list[PredictiveStage]:
         kinds = ", ".join(type(s).__name__ for s in stages)
         raise TypeError(f"every stage of this rank must be a PredictiveStage to attach; the "
                         f"schedule holds {kinds}")
-    n = schedule._n_microbatches
+    n = _n_microbatches(schedule)
     first = stages[0]
     k_ranks, rank, num_stages = first.group_size, first.group_rank, first.num_stages
     spr = len(stages)
@@ -273,6 +302,13 @@ def attach(schedule: Any) -> list[PredictiveStage]:
             f"{name} ({style} placement) puts stages {expected} on rank {rank} of {k_ranks}, "
             f"but this rank holds stages {held}; see predictopt.pipeline.stage_to_rank"
             f"({name!r}, {k_ranks}, {spr})")
+    _, native = _resolve_schedule(name)
+    if isinstance(schedule, PipelineScheduleSingle) and not _own_loop(schedule, native):
+        raise ValueError(
+            f"{type(schedule).__name__} overrides the micro-batch loop of torch's "
+            f"{native.__name__}: PredictiveStage cannot verify the order of its actions, so the "
+            f"staleness table could be wrong. Use {native.__name__}'s own loop, or another "
+            "native schedule")
     own = _native_order(schedule, rank)
     derived = schedule_actions(name, k_ranks, n, stages_per_rank=spr)[rank]
     if own is not None and own != derived:
@@ -286,20 +322,88 @@ def attach(schedule: Any) -> list[PredictiveStage]:
     return stages
 
 
-def _find_step(stage: PredictiveStage) -> tuple[Any, dict[str, Any]] | None:
-    """The torch schedule whose ``step`` is running with ``stage``, and that frame's locals."""
-    frame = sys._getframe(1)
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "step":
-            local = frame.f_locals
-            obj = local.get("self")
-            if isinstance(obj, _PipelineSchedule) and any(
-                    s is stage for s in _schedule_stages(obj)):
-                return obj, local
-        frame = frame.f_back
-    return None
+# ---------------------------------------------------------------------------------------------
+# Torch access: every use of a torch schedule's private members is in this section
+# ---------------------------------------------------------------------------------------------
+
+
+def _n_microbatches(schedule: Any) -> int:
+    return int(schedule._n_microbatches)
+
+
+def _loss_fn(schedule: Any) -> Any:
+    return schedule._loss_fn
+
+
+def _training(schedule: Any) -> bool:
+    return bool(schedule._has_backward)
+
+
+def _splits_inputs_itself(schedule: Any) -> bool:
+    """Whether the user gave torch custom chunk specs (then torch's split is not ours to
+    check)."""
+    return schedule._args_chunk_spec is not None or schedule._kwargs_chunk_spec is not None
+
+
+def _own_loop(schedule: Any, native: type) -> bool:
+    """Whether a single-stage schedule runs torch's native micro-batch loop (its order)."""
+    return type(schedule)._step_microbatches is native._step_microbatches
+
+
+def _forget_failed_step(schedule: Any) -> None:
+    """Drop what a failed ``step`` left in the schedule (the losses it collected so far)."""
+    losses = getattr(schedule, "_internal_losses", None)
+    if isinstance(losses, list):
+        losses.clear()
+
+
+_HOOKED: dict[type, Any] = {}
+
+
+def _hooked(orig: Callable[..., Any]) -> Callable[..., Any]:
+    sig = inspect.signature(orig)
+    own = {name for name, p in sig.parameters.items()
+           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"}
+
+    @functools.wraps(orig)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            stages = [st for st in _schedule_stages(self) if isinstance(st, PredictiveStage)]
+        except TypeError:
+            stages = []
+        if not stages or getattr(self, "_predictopt_in_step", False):
+            return orig(self, *args, **kwargs)
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in own}
+        for st in stages:
+            st._begin_call(self, args, model_kwargs, kwargs.get("target"))
+        self._predictopt_in_step = True
+        try:
+            return orig(self, *args, **kwargs)
+        except BaseException as exc:
+            _forget_failed_step(self)
+            for st in stages:
+                st._abort_call(exc)
+            raise
+        finally:
+            self._predictopt_in_step = False
+            for st in stages:
+                st._end_call()
+
+    step.__predictopt_hook__ = orig  # type: ignore[attr-defined]
+    return step
+
+
+def _install_step_hooks() -> None:
+    """Wrap ``step`` of every torch schedule class that defines one (idempotent)."""
+    todo = [_PipelineSchedule]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        own = cls.__dict__.get("step")
+        if own is None or cls in _HOOKED or getattr(own, "__predictopt_hook__", None):
+            continue
+        _HOOKED[cls] = own
+        cls.step = _hooked(own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +527,25 @@ class PredictiveStage(PipelineStage):
         if wrapped:
             raise TypeError("PredictiveStage runs the module through functional_call, which "
                             "bypasses DDP/FSDP; pass the bare stage module")
+        # what can be checked before the schedule is known, is checked now
+        if update_every is not None:
+            if spec.cadence.kind == "microbatch" and update_every != 1:
+                raise ValueError(f"update_every must be 1 for method {spec.name!r} (one update "
+                                 f"per micro-batch), got {update_every}")
+            if spec.cadence.at_least_stages and update_every < num_stages:
+                raise ValueError(f"update_every must be >= the number of stages ({num_stages}) "
+                                 f"for method {spec.name!r} (or n_microbatches), got "
+                                 f"{update_every}")
+        if (rule is not None or horizons is not None) and not spec.predicts:
+            raise ValueError(f"rule and horizons apply to predicting methods only, not to "
+                             f"method {spec.name!r}")
+        own = {id(p): name for name, p in submodule.named_parameters()}
+        for gi, g in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if id(p) not in own:
+                    raise ValueError(
+                        f"stage {stage_index}: the optimizer's parameter group {gi}, tensor {pi} "
+                        f"(shape {tuple(p.shape)}) is not a parameter of the stage's module")
         super().__init__(submodule, stage_index, num_stages, torch.device(device),
                          **stage_kwargs)
         self.spec: Method = spec
@@ -435,7 +558,10 @@ class PredictiveStage(PipelineStage):
         self.schedule_info: tuple[str, int, int, int, int] | None = None
         self._schedule_ref: Callable[[], Any] | None = None
         self._pending_previous: list[Tensor] | None = None
-        self._last_shapes: dict[str, tuple[bool, Any]] = {}
+        self._pending_transform_state: dict[Tensor, dict[str, Any]] = {}
+        self._last_shapes: dict[str, tuple[int, bool, Any]] = {}
+        self._in_call = False
+        self._updates_at_begin = 0
         self._split_outputs: dict[int, tuple[Tensor, ...]] = {}
         self._buffer_snapshot: list[tuple[Tensor, Tensor]] | None = None
 
@@ -449,11 +575,13 @@ class PredictiveStage(PipelineStage):
         if self._schedule_ref is not None and self._schedule_ref() is schedule:
             return
         previous = self._pending_previous
+        state = self._pending_transform_state
         if self.worker is not None:
             if self.worker.in_flight:
                 raise RuntimeError(f"stage {self.stage_index}: cannot attach to another schedule "
                                    f"with micro-batches {self.worker.in_flight} in flight")
             previous = self.worker.previous_version
+            state = self.worker.transform_state
         u = _resolve_update_every(self.spec, self._update_every_arg, self.num_stages, n)
         table = staleness(name, k_ranks, n, stages_per_rank=spr, update_every=u)
         if self._horizons is not None and len(self._horizons) != n:
@@ -471,7 +599,10 @@ class PredictiveStage(PipelineStage):
             self.optimizer = self.worker.optimizer.optimizer
         if previous is not None:
             self.worker.previous_version = previous
+        self.worker.transform_state.update(state)
         self._pending_previous = None
+        self._pending_transform_state = {}
+        self._last_shapes.clear()  # torch sizes the new schedule's buffers at its first step
         self.schedule_info = (name, k_ranks, spr, n, u)
         self._schedule_ref = weakref.ref(schedule)
 
@@ -484,32 +615,51 @@ class PredictiveStage(PipelineStage):
         return self.worker
 
     def clear_runtime_states(self) -> None:
-        """Per-step reset (torch), then schedule discovery and input checks (before any comms)."""
+        """Per-step reset (torch's, and of the split backward's outputs)."""
         super().clear_runtime_states()
         self._split_outputs.clear()
-        found = _find_step(self)
-        if found is None:
-            return
-        schedule, local = found
-        if schedule._loss_fn is not None and (self._schedule_ref is None
-                                              or self._schedule_ref() is not schedule):
-            attach(schedule)
-        self._check_step_inputs(schedule, local)
 
-    def _check_step_inputs(self, schedule: Any, local: Mapping[str, Any]) -> None:
-        n = schedule._n_microbatches
-        training = bool(self.has_backward)
+    # ------------------------------------------------------------------ schedule calls
+    def _begin_call(self, schedule: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                    target: Any) -> None:
+        """Called by the ``step`` hook before torch's ``step``/``eval`` runs (no communication
+        has happened yet): attach if needed, then validate the call."""
+        if _loss_fn(schedule) is not None and self.schedule is not schedule:
+            attach(schedule)
+        self._check_step_inputs(schedule, args, kwargs, target)
+        self._in_call = True
+        self._updates_at_begin = self.worker.num_updates if self.worker is not None else 0
+
+    def _end_call(self) -> None:
+        self._in_call = False
+
+    def _abort_call(self, exc: BaseException) -> None:
+        """The step failed on this rank: drop its in-flight state so the next step can run."""
+        self._split_outputs.clear()
+        if self.worker is None:
+            return
+        applied = self.worker.num_updates - self._updates_at_begin
+        info = self.worker.abort_step()
+        if applied or info["in_flight"] or info["accumulated"]:
+            _log.warning(
+                "stage %d: schedule.step() failed (%s: %s); dropped micro-batches %s in flight "
+                "and the gradients of %d completed backward(s); the %d update(s) this step had "
+                "applied stay applied", self.stage_index, type(exc).__name__, exc,
+                info["in_flight"], info["accumulated"], applied)
+
+    def _check_step_inputs(self, schedule: Any, args: tuple[Any, ...],
+                           kwargs: Mapping[str, Any], target: Any) -> None:
+        n = _n_microbatches(schedule)
+        training = _training(schedule)
         mode = "step" if training else "eval"
         sizes: dict[str, int] = {}
         shapes: dict[str, tuple[Any, ...]] = {}
         if self.is_first:
-            args = local.get("args", ())
-            kwargs = local.get("kwargs", {}) or {}
-            tensors = _tensor_leaves(args) + _tensor_leaves(kwargs)
+            tensors = _tensor_leaves(args) + _tensor_leaves(dict(kwargs))
             if not tensors:
                 raise ValueError(f"the rank holding stage 0 must pass the batch to "
                                  f"schedule.{mode}(...), got no tensor")
-            if schedule._args_chunk_spec is None and schedule._kwargs_chunk_spec is None:
+            if not _splits_inputs_itself(schedule):
                 for t in tensors:
                     b = t.shape[0] if t.ndim else 0
                     if b == 0 or b % n:
@@ -518,8 +668,7 @@ class PredictiveStage(PipelineStage):
                                          "unequal micro-batches")
                     sizes.setdefault("input", b)
                 shapes["input"] = tuple(tuple(t.shape) for t in tensors)
-        if self.is_last and schedule._loss_fn is not None:
-            target = local.get("target")
+        if self.is_last and _loss_fn(schedule) is not None:
             if not isinstance(target, Tensor):
                 raise ValueError(f"the rank holding the last stage ({self.stage_index}) must pass "
                                  f"target=... to schedule.{mode}(...) (the schedule has a "
@@ -533,15 +682,17 @@ class PredictiveStage(PipelineStage):
         if "input" in sizes and "target" in sizes and sizes["input"] != sizes["target"]:
             raise ValueError(f"the batch ({sizes['input']}) and the target "
                              f"({sizes['target']}) have different batch sizes")
+        key_of = id(schedule)
         for key, new in shapes.items():
             last = self._last_shapes.get(key)
-            if last is not None and last[0] == training and last[1] != new:
+            if last is not None and last[:2] == (key_of, training) and last[2] != new:
                 raise ValueError(
-                    f"the {key} shapes changed between steps ({list(last[1])} -> {list(new)}): "
-                    "torch sizes the pipeline's receive buffers from the first step, so every "
-                    "step must use the same batch size and shapes")
+                    f"the {key} shapes changed between steps ({list(last[2])} -> {list(new)}): "
+                    "torch sizes a schedule's receive buffers from its first step, so every "
+                    "step of one schedule object must use the same batch size and shapes "
+                    "(build a new schedule for other shapes)")
         for key, new in shapes.items():  # recorded only once the step is accepted
-            self._last_shapes[key] = (training, new)
+            self._last_shapes[key] = (key_of, training, new)
 
     # ------------------------------------------------------------------ metadata inference
     def _prepare_forward_infra(self, num_microbatches, args, kwargs=None, has_backward=False):
@@ -572,8 +723,14 @@ class PredictiveStage(PipelineStage):
         kwargs: dict[str, Any] | None = None,
         save_forward_output: bool = True,
     ) -> Any:
-        """Forward one micro-batch on the method's weights (training) or the real ones (eval)."""
+        """Forward one micro-batch on the method's weights (training) or the real ones (eval).
+
+        Raises:
+            RuntimeError: the stage is neither attached to a schedule nor called by one.
+        """
         if not self.has_backward:
+            if self.worker is None and not self._in_call:
+                self._require_worker()
             with torch.no_grad():
                 return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
         worker = self._require_worker()
@@ -798,4 +955,32 @@ def build_pipeline(
     sched = cls(target, n_microbatches, loss_fn=loss_fn, **schedule_kwargs)
     if loss_fn is not None:
         attach(sched)
+    check_determinism(group)
     return stages, sched
+
+
+def check_determinism(group: dist.ProcessGroup | None = None) -> list[dict[str, Any]]:
+    """Compare the settings that bit-for-bit equality with the simulator depends on across the
+    ranks of ``group`` (a collective: call it on every rank); warn when they differ.
+
+    Compared: the number of intra-op threads (``torch.get_num_threads()``), the torch version
+    and whether deterministic algorithms are on. The simulator must also run with the same
+    thread count as the ranks to match them exactly.
+
+    Returns:
+        Every rank's settings, in rank order.
+    """
+    mine = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, mine, group=group)
+    for key in mine:
+        values = {r[key] for r in out}
+        if len(values) > 1:
+            seen = ", ".join(f"rank {i}: {r[key]}" for i, r in enumerate(out))
+            warnings.warn(f"the ranks differ in {key} ({seen}): results will not reproduce the "
+                          "simulator bit for bit", stacklevel=2)
+    return out
+
+
+_install_step_hooks()

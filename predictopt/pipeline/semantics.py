@@ -272,17 +272,26 @@ class StageWorker:
             a ``PredictiveOptimizer`` with the method's rule and ``steps = max(1, max horizon)``
             (``steps = 0``, an exact pass-through, for methods that do not predict); a given
             wrapper is used with its own rule.
-        method: One of :data:`METHODS`.
+        method: A registered method name or a :class:`~predictopt.pipeline.methods.Method`.
         staleness: ``s(i)`` for every micro-batch ``i`` of a step (its length is ``n``).
-        update_every: Completed backwards per optimizer update ``u`` (divides ``n``): 1 for
-            ``sequential``/``pipedream``/``spectrain``/``pipeoptim``, ``n`` for ``gpipe``,
-            ``m`` for ``pipedream-2bw``, ``T`` for ``xpipe``.
+        update_every: Completed backwards per optimizer update ``u`` (divides ``n``; the
+            method's cadence says which values it accepts): 1 for the per-micro-batch methods,
+            ``n`` for ``gpipe``, ``m`` for ``pipedream-2bw``, ``T`` for ``xpipe``.
         rule: Prediction rule overriding the method's (predicting methods and a bare optimizer
             only): a name or a :class:`~predictopt.rules.PredictionRule`.
         horizons: Prediction horizon per micro-batch (predicting methods only); default:
             ``staleness``. E.g. all zeros turns ``pipeoptim`` into ``pipedream``.
         input_grads: Whether floating-point tensor inputs get gradients (False for the first
             stage, whose inputs are data).
+        stage: The stage's global index (what the method's transforms and the random streams
+            see; default 0 for the streams).
+        num_stages: The number of stages (needed by some transforms, e.g. adaptive momentum).
+        seed: Base seed of the forwards' random streams; default ``torch.initial_seed()``.
+
+    Random operations (dropout) in a forward draw from a stream seeded by a function of
+    ``seed``, ``stage``, :attr:`step_index` and the micro-batch only (the global RNG state is
+    restored afterwards), so a distributed run in which every process set the same seed
+    reproduces the simulator bit for bit, dropout included.
 
     Raises:
         ValueError: unknown method, bad ``staleness``/``update_every``/``horizons``, a table
@@ -305,6 +314,7 @@ class StageWorker:
         input_grads: bool = True,
         stage: int | None = None,
         num_stages: int | None = None,
+        seed: int | None = None,
     ) -> None:
         spec = get_method(method)
         if not isinstance(module, nn.Module):
@@ -410,6 +420,15 @@ class StageWorker:
         self.num_backwards = 0
         #: Optimizer updates applied (all steps).
         self.num_updates = 0
+        #: Steps completed (or aborted); with ``stage`` and the micro-batch it seeds the random
+        #: stream of every forward.
+        self.step_index = 0
+        self._done_in_step = 0
+        #: Base seed of the forwards' random streams (dropout): ``seed``, else the seed the
+        #: process set (``torch.initial_seed()``) when the worker was built.
+        self.seed = torch.initial_seed() if seed is None else _check_int(seed, "seed", 0)
+        self._devices = sorted({p.device.index or 0 for p in self.params
+                                if p.device.type == "cuda"})
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ introspection
@@ -446,6 +465,29 @@ class StageWorker:
                 f"update_every={self.update_every}, staleness={self.staleness}, "
                 f"rule={self.rule!r})")
 
+    def abort_step(self) -> dict[str, Any]:
+        """Drop everything a failed step left in flight, so that the next step can run.
+
+        Forgets the pending forwards, the gradients accumulated towards the next update and the
+        step's bookkeeping; updates already applied stay applied (they cannot be undone
+        without a copy of the weights).
+
+        Returns:
+            ``{"in_flight": [...], "accumulated": k}``: the micro-batches dropped and how many
+            completed backwards' gradients were discarded.
+        """
+        info = {"in_flight": self.in_flight, "accumulated": self._accumulated}
+        self._chunks.clear()
+        self._forwarded.clear()
+        self._accumulated = 0
+        self._covered.clear()
+        self._stash = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._done_in_step or info["in_flight"]:
+            self._done_in_step = 0
+            self.step_index += 1
+        return info
+
     # ------------------------------------------------------------------ forward
     def _check_mb(self, mb: Any) -> int:
         if isinstance(mb, bool) or not isinstance(mb, int) or not 0 <= mb < self.n_microbatches:
@@ -466,6 +508,15 @@ class StageWorker:
         if base is None:
             base = [[float(g["lr"])] * h for g in self.optimizer.param_groups]
         return [[lr * scale for lr in row] for row in base]
+
+    def _stream_seed(self, mb: int) -> int:
+        """The seed of micro-batch ``mb``'s forward in the current step: a function of the base
+        seed, the stage, the step and the micro-batch only, so the random ops (dropout) of a
+        forward are the same wherever and in whatever order it runs."""
+        h = self.seed
+        for v in (self.context.stage or 0, self.step_index, mb):
+            h = (h * 0x9E3779B97F4A7C15 + v + 1) % (1 << 63)
+        return h
 
     @torch.no_grad()
     def _weights(self, mb: int) -> list[Tensor]:
@@ -542,7 +593,8 @@ class StageWorker:
                 *_current_weight_hooks(weights, self.params))
         else:
             hooks = contextlib.nullcontext()
-        with hooks:
+        with hooks, torch.random.fork_rng(devices=self._devices):
+            torch.manual_seed(self._stream_seed(mb))
             out = functional_call(self.module, dict(zip(self.param_names, weights)), args, kwargs)
         kept = [v.detach() for v in values] if self._keep_forward else None
         del values, weights  # copies: referenced by autograd only (lean: not at all)
@@ -684,8 +736,11 @@ class StageWorker:
         self._covered.append(mb)
         if self._accumulated == self.update_every:
             self._update()
-        if self.num_backwards % self.n_microbatches == 0 and not self._chunks:
+        self._done_in_step += 1
+        if self._done_in_step == self.n_microbatches and not self._chunks:
             self._forwarded.clear()  # a step is over (schedules flush)
+            self._done_in_step = 0
+            self.step_index += 1
 
     @torch.no_grad()
     def _update(self) -> None:
