@@ -444,8 +444,9 @@ def _run_compare_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                        context=args.context, dim=args.dim, steps=args.steps,
                        horizon=args.horizon, eval_every=args.eval_every, corpus=args.corpus)
         from .pipeline import PipelineSimulator, get_method
-        from .study import make_lm_optimizer
+        from .study import corpus_of, make_lm_optimizer
 
+        corpus_of(cfg)
         for m in methods:  # configuration errors before any training
             make = make_lm_optimizer(cfg.optimizer, cfg.learning_rate)
             PipelineSimulator(_probe_stages(cfg), make, method=get_method(m),

@@ -36,6 +36,7 @@ from .lm import TextData, lm_loss, lm_stages, load_text
 __all__ = [
     "LMConfig",
     "RunCache",
+    "corpus_of",
     "aggregate",
     "iso_loss_overhead",
     "make_lm_optimizer",
@@ -135,10 +136,15 @@ def make_lm_optimizer(name: str, lr: float) -> Callable[[Iterable[torch.nn.Param
 _DATA: dict[str | None, TextData] = {}
 
 
-def _data(corpus: str | None) -> TextData:
-    if corpus not in _DATA:
-        _DATA[corpus] = load_text(corpus)
-    return _DATA[corpus]
+def corpus_of(cfg: LMConfig) -> TextData:
+    """The setting's corpus, loaded once per process.
+
+    Raises:
+        FileNotFoundError: ``cfg.corpus`` names no file.
+    """
+    if cfg.corpus not in _DATA:
+        _DATA[cfg.corpus] = load_text(cfg.corpus)
+    return _DATA[cfg.corpus]
 
 
 def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = None,
@@ -163,7 +169,7 @@ def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = No
 
     spec = get_method(method)
     is_ref = spec.staleness_free if reference is None else reference
-    data = _data(cfg.corpus)
+    data = corpus_of(cfg)
     stages = lm_stages(cfg.stages, data.vocab_size, dim=cfg.dim, heads=cfg.heads,
                        context=cfg.context, dropout=cfg.dropout, seed=seed)
     sim = PipelineSimulator(stages, make_lm_optimizer(cfg.optimizer, cfg.learning_rate),
@@ -408,6 +414,20 @@ def compare_lm(cfg: LMConfig, methods: Sequence[str], seeds: Sequence[int], out:
     return summaries
 
 
+def applicable(method: str, cfg: LMConfig) -> bool:
+    """Whether ``method`` runs in setting ``cfg`` (e.g. Spike Compensation needs momentum SGD)."""
+    from .pipeline import PipelineSimulator, get_method
+
+    try:
+        PipelineSimulator([torch.nn.Linear(2, 2) for _ in range(cfg.stages)],
+                          make_lm_optimizer(cfg.optimizer, cfg.learning_rate),
+                          method=get_method(method), schedule=cfg.schedule,
+                          n_microbatches=cfg.microbatches)
+    except ValueError:
+        return False
+    return True
+
+
 def _run_job(job: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     cfg, method, seed = job
     torch.set_num_threads(1)
@@ -421,7 +441,7 @@ def run_grid(configs: Sequence[LMConfig], methods: Sequence[str], seeds: Sequenc
     (one intra-op thread each), storing each record as it finishes. Runs are independent and
     deterministic, so the order and the parallelism do not change any number."""
     jobs = [(asdict(c), m, s) for c in configs for s in seeds for m in methods
-            if cache.get(c, m, s) is None]
+            if cache.get(c, m, s) is None and applicable(m, c)]
     log(f"{len(jobs)} runs to do ({processes} at a time)")
     if not jobs:
         return

@@ -225,3 +225,7 @@ register_method(Method(
     "pipeoptim-qh-dl", forward="predicted",
     transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR()),
     summary="qh-dl with predicted forward weights", source="this project"))
+register_method(Method(
+    "pipeoptim-sc", forward="predicted", transforms=(SpikeCompensation(),),
+    summary="Spike Compensation + Linear Weight Prediction on torch's schedules (momentum SGD)",
+    source="Kosson et al., MLSys 2021, applied to 1F1B-style pipelines"))

@@ -115,7 +115,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.optim import Optimizer
 
 from ..optimizer import PredictiveOptimizer
-from .methods import Method, get_method
+from .methods import DEFAULT_METHOD, Method, get_method
 from .schedules import (
     _SCHEDULES,
     _convert_torch_action,
@@ -466,14 +466,15 @@ class PredictiveStage(PipelineStage):
         device: The device the stage runs on (the module must be there already).
         optimizer: A ``torch.optim.Optimizer`` over (some of) ``submodule``'s parameters, or a
             :class:`~predictopt.PredictiveOptimizer` (then its rule and scheduler are used).
-        method: ``"pipeoptim"`` (default), ``"pipeoptim-lean"``, ``"pipedream"``,
-            ``"pipedream-2bw"``, ``"spectrain"``, ``"xpipe"`` or ``"gpipe"`` (see
-            :mod:`predictopt.pipeline.semantics`). ``"sequential"`` is the single-process
-            reference and is rejected.
+        method: A registered method name (:func:`~predictopt.pipeline.available_methods`;
+            default :data:`~predictopt.pipeline.DEFAULT_METHOD`) or a
+            :class:`~predictopt.pipeline.methods.Method` (see the "Methods" page). The
+            single-process reference ``"sequential"`` and the methods of the ``PB`` schedule
+            are rejected.
         update_every: Completed backwards per update; default
             :func:`~predictopt.pipeline.default_update_every` for the method (1 for the
-            per-micro-batch methods, ``n`` for ``gpipe``). Only ``pipedream-2bw`` and ``xpipe``
-            accept other values.
+            per-micro-batch methods, ``n`` for ``gpipe``). Only methods with a window cadence
+            (``pipedream-2bw``, ``xpipe``) accept other values.
         rule: Prediction rule overriding the method's (predicting methods only).
         horizons: Per micro-batch prediction horizons overriding the staleness table
             (predicting methods only; one entry per micro-batch).
@@ -500,7 +501,7 @@ class PredictiveStage(PipelineStage):
         device: torch.device | str,
         *,
         optimizer: Optimizer,
-        method: str = "pipeoptim",
+        method: str | Method = DEFAULT_METHOD,
         update_every: int | None = None,
         rule: Any = None,
         horizons: Sequence[int] | None = None,
@@ -877,7 +878,7 @@ def build_pipeline(
     world_size: int | None = None,
     n_microbatches: int,
     make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
-    method: str = "pipeoptim",
+    method: str | Method = DEFAULT_METHOD,
     loss_fn: Callable[..., Tensor] | None,
     device: torch.device | str = "cpu",
     update_every: int | None = None,

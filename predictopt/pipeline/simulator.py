@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .methods import Method, get_method
+from .methods import DEFAULT_METHOD, Method, get_method
 from .pb import PB_SCHEDULE, pb_global_order, pb_staleness
 from .schedules import Action, global_order, stage_to_rank, staleness
 from .semantics import StageWorker
@@ -125,7 +125,7 @@ class PipelineSimulator:
         stages: Sequence[nn.Module],
         make_optimizer: OptimizerFactory,
         *,
-        method: str | Method = "pipeoptim",
+        method: str | Method = DEFAULT_METHOD,
         schedule: str | None = None,
         n_microbatches: int,
         num_ranks: int | None = None,
@@ -386,7 +386,7 @@ def simulate(
     x: Tensor,
     y: Tensor,
     *,
-    method: str = "pipeoptim",
+    method: str | Method = DEFAULT_METHOD,
     schedule: str | None = None,
     n_microbatches: int,
     microbatch_size: int,
