@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup compare test explore lint docs bench
+.PHONY: setup compare test explore lint docs docs-gen study bench
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ lint: setup
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Rewrite the generated sections of docs/ (tables and plots) from the committed result files.
+docs-gen: setup
+	$(PY) tools/gen_docs.py
+
+# The convergence study of docs/study.md (hours on 2 cores; resumes from docs/results/).
+study: setup
+	$(PY) -m predictopt.study_grid
+	$(PY) tools/gen_docs.py
 
 bench: setup
 	$(PY) -m benchmarks.run_all

@@ -343,6 +343,10 @@ def plot_curves(records: Sequence[dict[str, Any]], cfg: LMConfig, methods: Seque
         ax.plot(xs, ys, label=f"{m} ({len(runs)} seeds)",
                 linestyle="--" if m == "sequential" else "-", linewidth=1.6)
     ax.axvline(cfg.steps * cfg.samples_per_step, color="#999", linewidth=0.8)
+    tail = [v for r in records if LMConfig(**r["config"]) == cfg and r["method"] in methods
+            for s, v in r["curve"] if s >= 0.1 * cfg.steps * cfg.samples_per_step]
+    if tail:  # the first evaluations (near the uniform loss) would squash the rest
+        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
     ax.set_xlabel("training sequences")
     ax.set_ylabel("held-out loss (nats per character)")
     ax.set_title(title, fontsize=10)

@@ -69,7 +69,8 @@ def study_table(stages: int, optimizer: str) -> str:
     if not summaries:
         return "(no runs in docs/results/lm_study.jsonl yet)\n"
     seeds = sorted({s for v in summaries.values() for s in v.seeds})
-    head = (f"{stages} stages, {optimizer} lr {cfg.learning_rate:g}, seeds "
+    head = (f"![{stages} stages, {optimizer}](img/lm_{stages}_{optimizer}.png)\n\n"
+            f"{stages} stages, {optimizer} lr {cfg.learning_rate:g}, seeds "
             f"{', '.join(map(str, seeds))} (from `docs/results/lm_study.jsonl`):\n\n")
     return head + markdown_table(summaries, cfg) + "\n"
 
@@ -125,9 +126,132 @@ def methods_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def stability_table() -> str:
+    """Largest stable preconditioned curvature of delayed EMA momentum (predictopt.analysis)."""
+    from predictopt.analysis import max_stable_curvature
+
+    delays = [0, 1, 2, 3, 7, 15]
+    rows = [("momentum 0.9", 0.9, 1.0, 0.0), ("momentum 0.9, predicted forward", 0.9, 1.0, 1.0),
+            ("momentum 0.9, nu = 0.5", 0.9, 0.5, 0.0), ("momentum 0.99", 0.99, 1.0, 0.0),
+            ("momentum 0.99, predicted forward", 0.99, 1.0, 1.0), ("no momentum", 0.0, 1.0, 0.0)]
+    lines = ["| update | " + " | ".join(f"D = {d}" for d in delays) + " |",
+             "|---|" + "---:|" * len(delays)]
+    for label, beta, nu, gain in rows:
+        vals = [max_stable_curvature(beta, d, nu=nu, gain=gain) for d in delays]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mlp_table(path: Path, methods: list[str] | None = None) -> str:
+    if not path.exists():
+        return f"(no {path.relative_to(ROOT)} yet)\n"
+    res = json.loads(path.read_text())
+    cfg = res["config"]
+    head = (f"{cfg['dataset']}, {cfg['stages']}-stage {cfg['activation']} MLP, "
+            f"{cfg['schedule']}, {cfg['optimizer']} lr {cfg['lr']:g}, {cfg['microbatches']} "
+            f"micro-batches of {cfg['microbatch_size']}, {cfg['epochs']} epochs, seeds "
+            f"{', '.join(map(str, cfg['seeds']))}:\n\n")
+    lines = ["| method | final training loss | test accuracy | max staleness |",
+             "|---|---:|---:|---:|"]
+    for m, r in res["methods"].items():
+        if methods is not None and m not in methods:
+            continue
+        if "per_seed" in r:
+            loss = f"{r['final_train_loss_mean']:.4f} ± {r['final_train_loss_std']:.4f}"
+            acc = f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}"
+        else:
+            loss, acc = f"{r['final_train_loss']:.4f}", f"{r['test_accuracy']:.3f}"
+        lines.append(f"| {m} | {loss} | {acc} | {r['max_staleness']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def digits_table() -> str:
+    """The MLP comparison on digits (docs/results/digits_mlp.json)."""
+    return _mlp_table(RESULTS / "digits_mlp.json")
+
+
+def pb_results() -> str:
+    """Pipelined Backpropagation on digits (docs/results/pb_mlp.json)."""
+    return _mlp_table(RESULTS / "pb_mlp.json")
+
+
+def study_twins() -> str:
+    """Candidates beside their staleness-free twins (same transforms, no pipeline)."""
+    from predictopt.study import aggregate
+
+    records = _records()
+    pairs = [("nesterov-dl", "sequential-nesterov-dl")]
+    lines = ["| setting | sequential | twin: " + ", ".join(t for _, t in pairs)
+             + " | method: " + ", ".join(m for m, _ in pairs) + " |", "|---|---:|---:|---:|"]
+    n = 0
+    for stages, opt in STUDY_SETTINGS:
+        cfg = _cfg(stages, opt)
+        names = ["sequential"] + [x for p in pairs for x in p]
+        s = aggregate(records, cfg, names, SEEDS)
+        if not all(x in s for x in names):
+            continue
+        n += 1
+        cells = [f"{s[x].final_mean:.3f} ± {s[x].final_std:.3f}" for x in names]
+        lines.append(f"| {stages} stages, {opt} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n") if n else "(twin runs not in docs/results yet)\n"
+
+
+def _machine(m: dict) -> str:
+    return (f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
+            f"{m.get('torch', '?')}, {m.get('date', '?')}, load average "
+            f"{m.get('load_average_start', float('nan')):.1f} at the start")
+
+
+def pipeline_overhead() -> str:
+    """Per-micro-batch cost of PredictiveStage against a plain PipelineStage (2 ranks)."""
+    path = ROOT / "benchmarks" / "results" / "pipeline.json"
+    d = json.loads(path.read_text())
+    cfg = d["config"]
+    lines = [f"`benchmarks/results/pipeline.json` ({_machine(d['machine'])}; {cfg['blocks']} "
+             f"MLP blocks of width {cfg['dim']}, {cfg['microbatches']} micro-batches of "
+             f"{cfg['microbatch_size']}, fused AdamW: {cfg['fused']}):", "",
+             "| stage | CPU ms per micro-batch | CPU ratio | wall ms | wall ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for r in d["overhead_2_ranks"]:
+        lines.append(f"| {r['variant']} | {r['cpu_ms_per_microbatch']:.1f} | "
+                     f"{r['cpu_ratio']:.2f} | {r['ms_per_microbatch']:.1f} | {r['ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_throughput() -> str:
+    """Throughput against one process, with the measured and the 1F1B-theory bubble."""
+    d = json.loads((ROOT / "benchmarks" / "results" / "pipeline.json").read_text())
+    lines = ["| ranks | stage | samples/s | speed-up | bubble | theory |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in d["throughput"]:
+        b = f"{r['bubble']:.2f}" if "bubble" in r else ""
+        t = f"{r['bubble_theory']:.2f}" if "bubble_theory" in r else ""
+        lines.append(f"| {r['ranks']} | {r['variant']} | {r['samples_per_s']:.0f} | "
+                     f"{r['speedup']:.2f} | {b} | {t} |")
+    return "\n".join(lines) + "\n"
+
+
+def example_lm_output() -> str:
+    """What examples/pipeline_lm.py --single-process printed (docs/results/example_lm.txt),
+    without the timings."""
+    path = RESULTS / "example_lm.txt"
+    if not path.exists():
+        return "(no docs/results/example_lm.txt yet)\n"
+    out = [re.sub(r"\s+\(\d+\.\d s\)$", "", line) for line in path.read_text().splitlines()
+           if line.strip()]
+    return "```text\n" + "\n".join(out) + "\n```\n"
+
+
 def _study_generators() -> dict[str, Callable[[], str]]:
     gens: dict[str, Callable[[], str]] = {"methods-table": methods_table,
-                                          "study-summary": study_summary}
+                                          "study-summary": study_summary,
+                                          "stability-table": stability_table,
+                                          "digits-table": digits_table,
+                                          "pb-results": pb_results,
+                                          "study-twins": study_twins,
+                                          "pipeline-overhead": pipeline_overhead,
+                                          "pipeline-throughput": pipeline_throughput,
+                                          "example-lm-output": example_lm_output}
     for stages, opt in STUDY_SETTINGS:
         gens[f"study-{stages}-{opt}"] = (lambda k=stages, o=opt: study_table(k, o))
     return gens

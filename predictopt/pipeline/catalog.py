@@ -229,3 +229,11 @@ register_method(Method(
     "pipeoptim-sc", forward="predicted", transforms=(SpikeCompensation(),),
     summary="Spike Compensation + Linear Weight Prediction on torch's schedules (momentum SGD)",
     source="Kosson et al., MLSys 2021, applied to 1F1B-style pipelines"))
+
+# Staleness-free twins of the candidates (what their transforms do without any delay; the lr
+# factors are those of 1F1B's delays), for the study's comparison.
+register_method(Method(
+    "sequential-nesterov-dl", staleness_free=True,
+    transforms=(NesterovMomentum(), DelayScaledLR(delays="1f1b")),
+    summary="staleness-free twin of nesterov-dl (same optimizer and per-stage learning rates, "
+            "no pipeline)", source="this project"))

@@ -209,20 +209,34 @@ class DelayScaledLR(StageTransform):
         power: $p \ge 0$.
         offset: $c \ge 0$ (1: the factor is $1/(1 + D)$, 1 for an undelayed stage).
         anneal_updates: $T \ge 1$, or ``None``.
+        delays: ``"observed"``: $D$ is the stage's delay in the run (:attr:`StageContext.delay`);
+            ``"1f1b"``: $D = K - 1 - k$, the delay stage $k$ of $K$ has under 1F1B, also in a
+            run without a pipeline (the staleness-free twin of a method, for comparisons).
     """
 
     def __init__(self, power: float = 1.0, offset: float = 1.0,
-                 anneal_updates: int | None = None) -> None:
+                 anneal_updates: int | None = None, delays: str = "observed") -> None:
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset")
+        if delays not in ("observed", "1f1b"):
+            raise ValueError(f"delays must be 'observed' or '1f1b', got {delays!r}")
+        self.delays = delays
         if anneal_updates is not None and (isinstance(anneal_updates, bool) or not isinstance(
                 anneal_updates, int) or anneal_updates < 1):
             raise ValueError(f"anneal_updates must be None or an int >= 1, got "
                              f"{anneal_updates!r}")
         self.anneal_updates = anneal_updates
 
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if self.delays == "1f1b" and (ctx.stage is None or ctx.num_stages is None):
+            raise ValueError("DelayScaledLR(delays='1f1b') needs the stage index and the number "
+                             "of stages (StageWorker(stage=..., num_stages=...))")
+        return optimizer
+
     def lr_scale(self, ctx: StageContext, updates: int) -> float:
-        base = max(self.offset + ctx.delay, 1.0)
+        delay = ctx.delay if self.delays == "observed" else \
+            ctx.num_stages - 1 - ctx.stage  # type: ignore[operator]
+        base = max(self.offset + delay, 1.0)
         r = 1.0 if self.anneal_updates is None else 1.0 - min(updates / self.anneal_updates, 1.0)
         return base ** (-self.power * r)
 

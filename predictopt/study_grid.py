@@ -1,0 +1,49 @@
+"""The grid of the convergence study (docs/study.md): ``python -m predictopt.study_grid``.
+
+Runs every (setting, method, seed) missing from ``docs/results/lm_study.jsonl`` (two processes
+at a time by default), so it resumes where it stopped; ``tools/gen_docs.py`` then rewrites the
+tables and plots. ``--only STAGES:OPTIMIZER`` restricts it to some settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .study import LMConfig, RunCache, run_grid
+
+#: Every method, in the settings at 8 stages.
+ALL_METHODS: tuple[str, ...] = (
+    "sequential", "pipedream", "pipeoptim", "nesterov-dl", "sequential-nesterov-dl",
+    "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl", "qh-dl",
+    "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc")
+#: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
+#: strongest and this project's candidate).
+CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nesterov-dl",
+                                 "nesterov", "pipemare", "dc-asgd")
+#: (stages, optimizer, methods), in the order they run.
+PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (4, "adamw", CORE_METHODS),
+    (4, "sgd", CORE_METHODS), (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))
+SEEDS: tuple[int, ...] = (0, 1, 2)
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "lm_study.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--processes", type=int, default=2, help="runs at a time (default: 2)")
+    ap.add_argument("--only", action="append", default=None, metavar="STAGES:OPTIMIZER",
+                    help="restrict to these settings (repeatable), e.g. 8:adamw")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the run cache (JSON lines)")
+    args = ap.parse_args(argv)
+    cache = RunCache(args.results)
+    for stages, opt, methods in PLAN:
+        if args.only and f"{stages}:{opt}" not in args.only:
+            continue
+        run_grid([LMConfig(stages=stages, optimizer=opt)], methods, SEEDS, cache,
+                 processes=args.processes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
