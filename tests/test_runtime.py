@@ -49,6 +49,18 @@ PIPELINE_METHODS = [m for m in available_methods()
 # ---------------------------------------------------------------------------------------------
 
 
+def _accepts(method: str, opt: str) -> bool:
+    """Whether ``method`` runs with optimizer ``opt`` (e.g. Spike Compensation: SGD only)."""
+    from predictopt.pipeline import StageWorker
+
+    m = nn.Linear(2, 2)
+    try:
+        StageWorker(m, OPTIMIZERS[opt](m.parameters()), method=method, staleness=[0, 1])
+    except ValueError:
+        return False
+    return True
+
+
 def equivalence_configs(world_size: int) -> list[dict]:
     n, steps = (4, 3) if world_size == 2 else (8, 2)
     cfgs = []
@@ -80,8 +92,10 @@ def equivalence_configs(world_size: int) -> list[dict]:
         covered = {m for m, *_ in others} | {"pipeoptim", "pipedream"}
         rest = [m for m in PIPELINE_METHODS if m not in covered]
         for i, m in enumerate(rest):
-            others.append((m, ("1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")[i % 3],
-                           ("adamw", "sgdm", "adam")[i % 3], None))
+            opts = ("adamw", "sgdm", "adam")[i % 3:] + ("adamw", "sgdm", "adam")[:i % 3]
+            opt = next(o for o in opts if _accepts(m, o))
+            others.append((m, ("1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")[i % 3], opt,
+                           None))
     cfgs += [{"schedule": s, "method": m, "opt": o, "n": n, "steps": steps, "update_every": u}
              for m, s, o, u in others]
     # dropout: the random streams are a function of (seed, stage, step, micro-batch) only
@@ -568,3 +582,26 @@ def test_the_torch_internals_the_runtime_reads_are_present(one_rank) -> None:
     assert S.PipelineScheduleSingle in hooked and S.PipelineScheduleMulti in hooked
     for cls in hooked:  # each wrapped once, torch's own method kept
         assert cls.step.__predictopt_hook__ is runtime._HOOKED[cls]
+
+
+def test_warns_once_about_the_per_tensor_optimizer_loop(one_rank, monkeypatch) -> None:
+    import warnings
+
+    monkeypatch.setattr(runtime, "_WARNED_SLOW", [])
+    slow = _stages("1F1B")
+    with pytest.warns(UserWarning, match="per-tensor loop on CPU.*fused=True"):
+        runtime.attach(make_native(slow, "1F1B", 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.attach(make_native(_stages("1F1B"), "1F1B", 4))  # once per process
+    monkeypatch.setattr(runtime, "_WARNED_SLOW", [])
+    m = make_stages(1)[0]
+    fused = PredictiveStage(m, 0, 1, "cpu",
+                            optimizer=torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.attach(make_native([fused], "1F1B", 4))
+        m2 = make_stages(1)[0]
+        gp = PredictiveStage(m2, 0, 1, "cpu", optimizer=OPTIMIZERS["adamw"](m2.parameters()),
+                             method="gpipe")
+        runtime.attach(make_native([gp], "1F1B", 4))  # one update per step: no warning

@@ -231,6 +231,23 @@ def pipeline_throughput() -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_table() -> str:
+    """Peak memory of every method (benchmarks/results/memory.json)."""
+    d = json.loads((ROOT / "benchmarks" / "results" / "memory.json").read_text())
+    m, c = d["machine"], d["config"]
+    head = (f"`benchmarks/results/memory.json` ({m.get('date')}, {m.get('cpu')}, "
+            f"{m.get('cores')} cores, torch {m.get('torch')}; {c['stages']}-stage MLP of width "
+            f"{c['width']}, {c['microbatches']} micro-batches of {c['microbatch_size']}, "
+            f"{c['optimizer']}):\n\n")
+    lines = ["| method | peak extra (model copies) | extra over `sequential` | per stage "
+             "(stage copies) |", "|---|---:|---:|---|"]
+    for r in d["results"]:
+        per = " / ".join(f"{b / s:.2f}" for b, s in zip(r["live_peak_by_stage"], r["stage_bytes"]))
+        lines.append(f"| `{r['method']}` | {r['model_copies']:.2f} | "
+                     f"{r['excess_over_sequential_copies']:+.2f} | {per} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def example_lm_output() -> str:
     """What examples/pipeline_lm.py --single-process printed (docs/results/example_lm.txt),
     without the timings."""
@@ -251,7 +268,8 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-twins": study_twins,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
-                                          "example-lm-output": example_lm_output}
+                                          "example-lm-output": example_lm_output,
+                                          "memory-table": memory_table}
     for stages, opt in STUDY_SETTINGS:
         gens[f"study-{stages}-{opt}"] = (lambda k=stages, o=opt: study_table(k, o))
     return gens

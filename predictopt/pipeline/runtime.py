@@ -433,6 +433,26 @@ def _tensor_leaves(obj: Any) -> list[Tensor]:
     return []
 
 
+_WARNED_SLOW: list[bool] = []
+
+
+def _warn_if_per_tensor_loop(optimizer: Optimizer, updates_per_step: int) -> None:
+    """Warn once per process when a stage that updates more than once per step runs torch's
+    per-tensor CPU implementation (neither ``fused`` nor ``foreach`` asked for)."""
+    if _WARNED_SLOW or updates_per_step <= 1:
+        return
+    groups = optimizer.param_groups
+    on_cpu = all(p.device.type == "cpu" for g in groups for p in g["params"])
+    has_flags = all("foreach" in g for g in groups)
+    if on_cpu and has_flags and not any(g.get("fused") or g.get("foreach") for g in groups):
+        _WARNED_SLOW.append(True)
+        warnings.warn(
+            f"{type(optimizer).__name__} runs torch's per-tensor loop on CPU, and this stage "
+            f"updates {updates_per_step} times per step: pass fused=True (or foreach=True) to "
+            "the optimizer for a multi-tensor kernel (docs: Pipeline runtime, Cost)",
+            stacklevel=3)
+
+
 def _resolve_update_every(spec: Method, update_every: int | None, num_stages: int,
                           n: int) -> int:
     if update_every is None:
@@ -598,6 +618,7 @@ class PredictiveStage(PipelineStage):
         # one, so that checkpoints and a later re-attach see its state
         if not isinstance(self.optimizer, PredictiveOptimizer):
             self.optimizer = self.worker.optimizer.optimizer
+        _warn_if_per_tensor_loop(self.worker.optimizer.optimizer, n // u)
         if previous is not None:
             self.worker.previous_version = previous
         self.worker.transform_state.update(state)
