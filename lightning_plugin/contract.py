@@ -31,7 +31,8 @@ def pipeline_stages_of(module: Any) -> list[nn.Module]:
     """Check the pipeline contract of a LightningModule and return its stage modules.
 
     The module must define ``pipeline_stages() -> Sequence[nn.Module]`` returning its model as
-    consecutive stages: registered submodules, disjoint, without tied weights.
+    consecutive stages made of its own submodules (registered ones, or containers of them such
+    as ``nn.Sequential(self.embed, self.blocks[0])``), disjoint, without tied weights.
 
     Raises:
         PipelineContractError: what is missing or wrong, and what to do.
@@ -66,13 +67,15 @@ def pipeline_stages_of(module: Any) -> list[nn.Module]:
                                         f"{type(m).__name__}, not an nn.Module")
     if len({id(m) for m in stages}) != len(stages):
         raise PipelineContractError(f"{name}.pipeline_stages() returned the same module twice")
-    registered = {id(m) for m in module.modules()}
-    missing = [k for k, m in enumerate(stages) if id(m) not in registered]
+    registered = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+    missing = [k for k, m in enumerate(stages)
+               if any(id(t) not in registered for t in (*m.parameters(), *m.buffers()))]
     if missing:
         raise PipelineContractError(
-            f"stage(s) {missing} of {name}.pipeline_stages() are not submodules of the "
-            "LightningModule: assign the stages to an attribute (e.g. self.stages = "
-            "nn.ModuleList([...])) so that they are in state_dict() and in checkpoints")
+            f"stage(s) {missing} of {name}.pipeline_stages() hold parameters or buffers that "
+            "are not the LightningModule's (so not in its state_dict or checkpoints): build "
+            "the stages from its registered submodules, e.g. self.stages = "
+            "nn.ModuleList([...]) or nn.Sequential(self.embed, self.blocks[0])")
     owner: dict[int, int] = {}
     for k, m in enumerate(stages):
         for sub in m.modules():

@@ -308,6 +308,9 @@ class PipeOptimStrategyMixin:
         # logged values come from the last stage's rank and are the same on every rank
         warnings.filterwarnings("ignore", message=r".*It is recommended to use `self\.log\(.*"
                                 "sync_dist")
+        if self.global_rank != self._plan.last_rank:  # type: ignore[attr-defined]
+            # its torchmetrics are never updated here: their state comes from the last rank
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric")
         self.setup_precision_plugin()  # type: ignore[attr-defined]
 
     @property
@@ -385,6 +388,15 @@ class PipeOptimStrategyMixin:
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """The value itself: every rank logs the same values (there are no replicas)."""
         return tensor
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002
+        """Whether every rank (``all``) or some rank decided ``decision`` (one all-reduce)."""
+        world = self.world_size  # type: ignore[attr-defined]
+        if world == 1 or not torch.distributed.is_initialized():
+            return bool(decision)
+        flag = torch.tensor(int(bool(decision)), device=self._comm)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() == world) if all else bool(flag.item() > 0)
 
     def on_train_end(self) -> None:
         super().on_train_end()  # type: ignore[misc]

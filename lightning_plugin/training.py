@@ -293,35 +293,32 @@ class PipelineRun:
         Accepts single-device checkpoints and this strategy's, from any schedule or method;
         ``pipedream-2bw``'s previous weights are restored when the checkpoint's method is the
         same (otherwise the method starts as after a fresh start).
+
+        Raises:
+            PipeOptimConfigError: not one optimizer state, another optimizer's, or a
+                checkpoint of an earlier version of the strategy.
         """
         states = checkpoint.get("optimizer_states") or []
         if len(states) != 1:
             raise PipeOptimConfigError(f"the checkpoint holds {len(states)} optimizer states; "
                                        "PipeOptimStrategy resumes from one optimizer")
+        if CHECKPOINT_KEY in states[0]:
+            raise PipeOptimConfigError(
+                "this checkpoint was written by an earlier PipeOptimStrategy (per-stage "
+                "optimizer states): load its 'state_dict' into the module and start a new fit")
         extras = checkpoint.get(CHECKPOINT_KEY) or {}
-        legacy = states[0].get(CHECKPOINT_KEY)  # version 1: per-stage states
         fallback = int(checkpoint.get("global_step", 0)) * self.plan.updates_per_step
+        done = extras.get("updates") or {}
         for k in self.local:
-            if legacy is not None:
-                self.optimizers[k].load_state_dict(legacy["stages"][k]["optimizer"])
-                done = legacy["stages"][k].get("updates")
-            else:
-                self.optimizers[k].load_state_dict(
-                    stage_state(states[0], self.optimizers[k], self.index))
-                done = (extras.get("updates") or {}).get(k)
+            self.optimizers[k].load_state_dict(
+                stage_state(states[0], self.optimizers[k], self.index))
             for s, sd in zip(self.schedulers[k], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
-            self.updates.updates[k] = int(done) if done is not None else fallback
-        same_method = (legacy or extras).get("method") == self.plan.method
+            self.updates.updates[k] = int(done.get(k, fallback))
+        saved = extras.get("previous") if extras.get("method") == self.plan.method else None
         for stage in self.stages:
             worker = stage.worker
-            if worker is None or not same_method:
-                continue
-            if legacy is not None:
-                prev = legacy["stages"][stage.stage_index].get("previous")
-            else:
-                saved = extras.get("previous")
-                prev = [saved[self.index[id(p)]] for p in worker.params] if saved else None
-            if prev is not None:
-                worker.previous_version = [t.to(p.device) for t, p in zip(prev, worker.params)]
+            if saved and worker is not None:
+                worker.previous_version = [saved[self.index[id(p)]].to(p.device)
+                                           for p in worker.params]
         self._epoch_marks = self._marks()

@@ -323,6 +323,9 @@ def run_user(rank: int, tmp: str) -> dict[str, Any]:
            "hooks": dict(model.hooks), "best": float(ckpt.best_model_score),
            "best_path": ckpt.best_model_path, "weights": weights(model),
            "log_dir": logger.log_dir}
+    out["decisions"] = [t.strategy.reduce_boolean_decision(True),
+                        t.strategy.reduce_boolean_decision(rank == 0),
+                        t.strategy.reduce_boolean_decision(rank == 0, all=False)]
     out["test"] = t.test(model, val_loader(), verbose=False)
     out["predict"] = torch.cat(t.predict(model, val_loader()))
     return out
@@ -528,6 +531,8 @@ def test_user_steps_logs_callbacks_and_hooks(runs) -> None:
     assert r0["callback"]["val/f1_macro"] == pytest.approx(f1, abs=1e-6)
     f1s = [float(r["val/f1_macro"]) for r in rows if r.get("val/f1_macro")]
     assert len(f1s) == 2 and r0["best"] == max(f1s) and os.path.exists(r0["best_path"])
+    for r in (r0, r1):  # ModelCheckpoint / EarlyStopping agree across ranks
+        assert r["decisions"] == [True, False, True]
     assert list(torch.load(r0["best_path"], weights_only=False)["state_dict"]) == \
         list(UserNet().state_dict())
 

@@ -189,8 +189,14 @@ class OwnOptimizerStep(Net):
 def test_module_contract_errors() -> None:
     with pytest.raises(PipelineContractError, match="must define pipeline_stages"):
         _fit_error(NoStages())
-    with pytest.raises(PipelineContractError, match=r"stage\(s\) \[0, 1\].*not submodules"):
+    with pytest.raises(PipelineContractError,
+                       match=r"stage\(s\) \[0, 1\].*not the LightningModule's"):
         _fit_error(Unregistered())
+    from lightning_plugin.contract import pipeline_stages_of
+
+    wrapped = NoStages()
+    wrapped.pipeline_stages = lambda: [nn.Sequential(wrapped.layer), nn.Identity()]
+    assert len(pipeline_stages_of(wrapped)) == 2  # containers of registered layers are fine
     with pytest.raises(PipelineContractError, match="tied weights"):
         _fit_error(Tied())
     with pytest.raises(PipelineContractError, match="must define training_step"):
@@ -450,3 +456,22 @@ class Doubled(PipelineModule):
 def test_pipeline_module_needs_stages() -> None:
     with pytest.raises(PipelineContractError, match="not implemented"):
         _fit_error(Doubled())
+
+
+def test_docs_example_block_comes_from_the_result_file() -> None:
+    """docs/lightning.md shows what ``examples/lightning_pipeline.py --render`` prints from
+    the committed benchmarks/results/lightning_example.json (with its machine and date)."""
+    import importlib.util
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "lightning_example", os.path.join(root, "examples", "lightning_pipeline.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with open(os.path.join(root, "benchmarks", "results", "lightning_example.json")) as f:
+        result = json.load(f)
+    assert result["machine"]["cpus"] and result["date"]
+    with open(os.path.join(root, "docs", "lightning.md")) as f:
+        docs = f.read()
+    assert "```text\n" + example.render(result) + "\n```" in docs
