@@ -11,7 +11,6 @@ package's ``DDPStrategy``; the Lightning objects it needs come from the class at
 from __future__ import annotations
 
 import datetime
-import pickle
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,22 +21,21 @@ from torch import Tensor, nn
 
 from ._compat import count_updates, schedule_facts, uncount_updates
 from .checkpoint import CHECKPOINT_KEY
-from .comm import broadcast_object, broadcast_tensors, comm_device, module_tensors, to_cpu
-from .contract import pipeline_inputs_of, pipeline_stages_of
+from .checks import check_train_loader, check_trainer
+from .comm import broadcast_tensors, comm_device, module_tensors
+from .contract import pipeline_stages_of
 from .errors import PipelineContractError, PipeOptimConfigError
-from .evaluation import forward_only
 from .launch import START_METHODS, resolve_start_method
 from .module import PipelineMixin
 from .optim import check_scheduler_horizons
 from .plan import PipelinePlan, check_pipeline_method, make_plan
 from .training import PipelineRun
-from .user_steps import capture_logs, redirect_forward, replay_logs
+from .user_steps import evaluation_step
 
 __all__ = ["CLIP_SCOPES", "PipeOptimStrategyMixin"]
 
 #: Accepted values of ``PipeOptimStrategy(clip_scope=...)``.
 CLIP_SCOPES = ("auto", "global", "stage")
-_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 _CONTEXTS = {"validation_step": "val_step_context", "test_step": "test_step_context",
              "predict_step": "predict_step_context"}
 
@@ -165,31 +163,8 @@ class PipeOptimStrategyMixin:
 
     # ------------------------------------------------------------------ checks
     def _check_trainer(self, trainer: Any, model: Any) -> None:
-        api = self._api
-        if trainer.state.fn == api.TrainerFn.FITTING:
-            if not model.automatic_optimization:
-                raise PipeOptimConfigError(
-                    "manual optimization (automatic_optimization = False) is not supported: "
-                    "the pipeline stages step their optimizers themselves inside every batch; "
-                    "keep automatic optimization (the default)")
-            if not api.is_overridden("training_step", model):
-                raise PipelineContractError(f"{type(model).__name__} must define training_step")
-            if api.is_overridden("optimizer_step", model):
-                raise PipeOptimConfigError(
-                    f"{type(model).__name__} overrides optimizer_step, which is not supported: "
-                    "every stage steps its own optimizer inside the pipeline; use an LR "
-                    "scheduler (e.g. LambdaLR with interval='step') for a warm-up")
-        if getattr(self, "_layer_sync", None) is not None:
-            raise PipeOptimConfigError(
-                "sync_batchnorm=True is not supported: a pipeline has no data-parallel replicas "
-                "to synchronise batch statistics with; remove sync_batchnorm")
-        plugin = self.precision_plugin
-        precision = str(getattr(plugin, "precision", None))
-        exact = type(plugin) in (api.Precision, api.MixedPrecision)
-        if precision not in _PRECISIONS or not exact:
-            raise PipeOptimConfigError(
-                f"precision={precision!r} ({type(plugin).__name__}) is not supported by "
-                f"PipeOptimStrategy: use precision= one of {', '.join(_PRECISIONS)}")
+        check_trainer(self._api, trainer, model, self.precision_plugin,
+                      sync_batchnorm=getattr(self, "_layer_sync", None) is not None)
 
     def _accumulation(self, trainer: Any) -> int:
         if trainer.state.fn != self._api.TrainerFn.FITTING:
@@ -339,7 +314,8 @@ class PipeOptimStrategyMixin:
     def on_train_start(self) -> None:
         super().on_train_start()  # type: ignore[misc]
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
-        self._check_loader(trainer)
+        if self._plan is not None:
+            check_train_loader(trainer, self._plan.n_microbatches)
         run = self._run
         if run is None:
             return
@@ -352,25 +328,6 @@ class PipeOptimStrategyMixin:
             remaining_epochs=epochs - trainer.current_epoch, total_updates=total)
         for note in notes:
             rank_zero_warn(note)
-
-    def _check_loader(self, trainer: Any) -> None:
-        dl = trainer.train_dataloader
-        bs = getattr(dl, "batch_size", None)
-        if self._plan is None or not isinstance(bs, int):
-            return
-        n = self._plan.n_microbatches
-        if bs % n:
-            raise PipeOptimConfigError(
-                f"the training DataLoader's batch_size ({bs}) must be a multiple of "
-                f"n_microbatches ({n})")
-        try:
-            samples, batches = len(dl.sampler), len(dl)
-        except TypeError:
-            return
-        if not dl.drop_last and samples % bs and trainer.num_training_batches >= batches:
-            raise PipeOptimConfigError(
-                f"the training DataLoader's last batch is incomplete ({samples % bs} of {bs} "
-                "samples) but the pipeline needs equal batches: set drop_last=True")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._run is not None
@@ -404,41 +361,14 @@ class PipeOptimStrategyMixin:
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        plan = self._plan
-        assert plan is not None
-        lm = self.lightning_module  # type: ignore[attr-defined]
-        rank = self.global_rank  # type: ignore[attr-defined]
-        xs = pipeline_inputs_of(lm, args[0])
+        assert self._plan is not None
         context = getattr(self.precision_plugin, _CONTEXTS[hook])
-        payload: dict[str, Any] = {}
-        result: Any = None
         with context():
-            out = forward_only(self._stage_modules, plan.placement, rank,
-                               xs if rank == plan.first_rank else None,
-                               root=self.root_device, comm=self._comm)  # type: ignore
-            if rank == plan.last_rank:
-                try:
-                    with capture_logs(lm) as captured, \
-                            redirect_forward(lm, out, xs, hook) as r:
-                        result = getattr(lm, hook)(*args, **kwargs)
-                    if r.calls == 0 and hook != "predict_step":
-                        raise PipelineContractError(f"{hook} never called self(...)")
-                    payload = {"logs": captured.entries, "result": to_cpu(result)}
-                except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                    payload = {"error": _portable_error(e)}
-                    if plan.num_ranks == 1:
-                        raise
-        if plan.num_ranks > 1:
-            payload = broadcast_object(payload if rank == plan.last_rank else None,
-                                       plan.last_rank)
-        if "error" in payload:
-            raise payload["error"]
-        replay_logs(lm, payload["logs"])
-        if rank == plan.last_rank:
-            return result
-        from lightning_utilities.core.apply_func import apply_to_collection
-
-        return apply_to_collection(payload["result"], Tensor, lambda t: t.to(self.root_device))
+            return evaluation_step(
+                self.lightning_module, hook, args, kwargs,  # type: ignore[attr-defined]
+                stages=self._stage_modules, plan=self._plan,
+                rank=self.global_rank, root=self.root_device,  # type: ignore[attr-defined]
+                comm=self._comm)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._eval_step("validation_step", args, kwargs)
@@ -501,13 +431,3 @@ class PipeOptimStrategyMixin:
         for name, kwargs, description in cls.REGISTERED:
             strategy_registry.register(name, cls, description=description, override=True,
                                        **kwargs)
-
-
-def _portable_error(e: BaseException) -> BaseException:
-    """``e`` if it pickles (to be raised on every rank), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(e).__name__}: {e}")
-

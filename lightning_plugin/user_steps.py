@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .comm import broadcast_object, to_cpu
 from .contract import pipeline_inputs_of, same_tensors, split_batch, tensor_leaves
 from .errors import PipelineContractError
-from .evaluation import run_chain
+from .evaluation import forward_only, run_chain
 
 __all__ = [
     "LogCapture",
@@ -31,6 +33,7 @@ __all__ = [
     "call_hooks",
     "capture_logs",
     "check_training_step",
+    "evaluation_step",
     "extract_loss",
     "merge_step_logs",
     "redirect_forward",
@@ -338,3 +341,70 @@ def replay_logs(module: Any, entries: list[LogEntry]) -> None:
             value = {k: v.to(module.device) if isinstance(v, Tensor) else v
                      for k, v in value.items()}
         module.log(e.name, value, **e.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, test and predict steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _portable_error(e: BaseException) -> BaseException:
+    """``e`` if it pickles (to be raised on every rank), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def evaluation_step(module: Any, hook: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                    stages: Sequence[nn.Module], plan: Any, rank: int, root: Any, comm: Any
+                    ) -> Any:
+    """One ``validation_step`` / ``test_step`` / ``predict_step`` batch, on every rank.
+
+    The batch goes through the stages (:func:`~lightning_plugin.evaluation.forward_only`); on
+    the last stage's rank the module's step runs on the whole batch with ``self(...)``
+    returning the output. Its logs, its return value, or the exception it raised, are
+    broadcast: every rank logs the same values, returns the same result, or raises.
+
+    Args:
+        module: The LightningModule.
+        hook: The step's name.
+        args: The step's arguments (``batch`` first).
+        kwargs: Its keyword arguments.
+        stages: All stage modules.
+        plan: The :class:`~lightning_plugin.PipelinePlan`.
+        rank: This process's rank.
+        root: Its device.
+        comm: The device collectives use.
+    """
+    xs = pipeline_inputs_of(module, args[0])
+    out = forward_only(stages, plan.placement, rank, xs if rank == plan.first_rank else None,
+                       root=root, comm=comm)
+    last = rank == plan.last_rank
+    payload: dict[str, Any] = {}
+    result: Any = None
+    if last:
+        try:
+            with capture_logs(module) as captured, redirect_forward(module, out, xs, hook) as r:
+                result = getattr(module, hook)(*args, **kwargs)
+            if r.calls == 0:
+                raise PipelineContractError(
+                    f"{hook} never called self(...): under PipeOptimStrategy the model's output "
+                    "comes from the pipeline through self(...); call self(x) instead of a "
+                    "submodule")
+            payload = {"logs": captured.entries, "result": to_cpu(result)}
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            if plan.num_ranks == 1:
+                raise
+            payload = {"error": _portable_error(e)}
+    if plan.num_ranks > 1:
+        payload = broadcast_object(payload if last else None, plan.last_rank)
+    if "error" in payload:
+        raise payload["error"]
+    replay_logs(module, payload["logs"])
+    if last:
+        return result
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(payload["result"], Tensor, lambda t: t.to(root))
