@@ -6,9 +6,13 @@ upgrade that breaks one of them fails in one known place:
 * Lightning: ``_init_optimizers_and_lr_schedulers`` and ``_MockOptimizer`` (parsing what
   ``configure_optimizers`` returned, as Lightning does), the launcher classes
   ``_MultiProcessingLauncher`` / ``_SubprocessScriptLauncher`` (the strategy checks everything
-  in the launching process before they start workers), and :func:`count_updates`, which gives
-  the worker's ``Trainer`` a subclass whose ``estimated_stepping_batches`` counts optimizer
-  updates (Lightning computes it in the ``Trainer`` and asks no strategy).
+  in the launching process before they start workers) and the strategy's ``_launcher`` /
+  ``_start_method`` that ``_configure_launcher`` (the hook every Lightning strategy overrides)
+  sets (:func:`install_launcher`), ``DDPStrategy``'s ``_timeout`` and ``_layer_sync``, a
+  module's ``_trainer`` (:func:`trainer_of`, also during teardown after an exception), and
+  :func:`count_updates`, which gives the worker's ``Trainer`` a subclass whose
+  ``estimated_stepping_batches`` counts optimizer updates (Lightning computes it in the
+  ``Trainer`` and asks no strategy).
 * predictopt: the schedule facts the strategy needs (canonical name, single- or multi-stage,
   V placement) are read through the public ``SUPPORTED_SCHEDULES`` and ``stage_to_rank``;
   the methods through ``METHODS`` (:func:`pipeline_methods`).
@@ -24,8 +28,9 @@ from typing import Any
 
 from .errors import PipeOptimConfigError
 
-__all__ = ["ScheduleFacts", "count_updates", "make_api", "pipeline_methods", "schedule_facts",
-           "uncount_updates"]
+__all__ = ["ScheduleFacts", "count_updates", "install_launcher", "make_api", "pipeline_methods",
+           "process_group_timeout", "schedule_facts", "trainer_of", "uncount_updates",
+           "uses_sync_batchnorm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +64,27 @@ def make_api(package: str) -> SimpleNamespace:
         SpawnLauncher=launchers._MultiProcessingLauncher,
         ScriptLauncher=launchers._SubprocessScriptLauncher,
     )
+
+
+def install_launcher(strategy: Any, launcher: Any, start_method: str) -> None:
+    """What a strategy's ``_configure_launcher`` must set."""
+    strategy._launcher = launcher
+    strategy._start_method = start_method
+
+
+def process_group_timeout(strategy: Any) -> Any:
+    """The ``timeout`` a ``DDPStrategy`` was given."""
+    return strategy._timeout
+
+
+def uses_sync_batchnorm(strategy: Any) -> bool:
+    """Whether ``Trainer(sync_batchnorm=True)`` gave the ``DDPStrategy`` a layer sync."""
+    return getattr(strategy, "_layer_sync", None) is not None
+
+
+def trainer_of(module: Any) -> Any:
+    """The module's Trainer, or ``None`` (without the error ``module.trainer`` raises)."""
+    return getattr(module, "_trainer", None) if module is not None else None
 
 
 _COUNTING: dict[type, type] = {}

@@ -19,7 +19,15 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ._compat import count_updates, schedule_facts, uncount_updates
+from ._compat import (
+    count_updates,
+    install_launcher,
+    process_group_timeout,
+    schedule_facts,
+    trainer_of,
+    uncount_updates,
+    uses_sync_batchnorm,
+)
 from .checkpoint import CHECKPOINT_KEY
 from .checks import check_train_loader, check_trainer
 from .comm import broadcast_tensors, comm_device, module_tensors
@@ -126,7 +134,7 @@ class PipeOptimStrategyMixin:
     @property
     def timeout(self) -> datetime.timedelta:
         """Timeout of the process group (blocked collectives and transfers raise after it)."""
-        return self._timeout  # type: ignore[attr-defined]
+        return process_group_timeout(self)
 
     @property
     def updates_per_step(self) -> int:
@@ -154,17 +162,17 @@ class PipeOptimStrategyMixin:
     # ------------------------------------------------------------------ launch
     def _configure_launcher(self) -> None:
         method = resolve_start_method(self._pipeoptim_start_method)
-        self._start_method = method
         if method == "popen":
-            self._launcher = self._script_launcher_cls(
+            launcher = self._script_launcher_cls(
                 self, self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = self._spawn_launcher_cls(self, start_method=method)
+            launcher = self._spawn_launcher_cls(self, start_method=method)
+        install_launcher(self, launcher, method)
 
     # ------------------------------------------------------------------ checks
     def _check_trainer(self, trainer: Any, model: Any) -> None:
         check_trainer(self._api, trainer, model, self.precision_plugin,
-                      sync_batchnorm=getattr(self, "_layer_sync", None) is not None)
+                      sync_batchnorm=uses_sync_batchnorm(self))
 
     def _accumulation(self, trainer: Any) -> int:
         if trainer.state.fn != self._api.TrainerFn.FITTING:
@@ -300,8 +308,7 @@ class PipeOptimStrategyMixin:
             broadcast_tensors(module_tensors(m), self._plan.placement[k], self._comm)
 
     def teardown(self) -> None:
-        lm = self.lightning_module  # type: ignore[attr-defined]
-        trainer = getattr(lm, "_trainer", None) if lm is not None else None
+        trainer = trainer_of(self.lightning_module)  # type: ignore[attr-defined]
         if trainer is not None:
             uncount_updates(trainer)
             if self._accumulate is not None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import CHECKPOINT_KEY, assemble, param_index, stage_part, stage_state
-from .comm import all_gather_objects, gather_objects, to_cpu
+from .comm import all_gather_objects, comm_device, gather_objects, to_cpu
 from .contract import batch_fingerprint, pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
 from .evaluation import AutocastStage
@@ -101,7 +101,8 @@ class PipelineRun:
             global_index=self.index, clip_val=trainer.gradient_clip_val,
             clip_algorithm=str(getattr(clip_algorithm, "value", clip_algorithm)),
             custom_clipping=api.is_overridden("configure_gradient_clipping", module),
-            defer=defer, scaler=scaler, update_every=plan.update_every)
+            defer=defer, scaler=scaler, comm_device=comm_device(device),
+            update_every=plan.update_every)
         modules = [AutocastStage(m, train_context) if autocast else m for m in stage_modules]
         it = iter(self.optimizers[k] for k in self.local)
         self.stages, self.schedule = build_pipeline(

@@ -74,6 +74,7 @@ class StageUpdates:
         custom_clipping: Call the module's ``configure_gradient_clipping`` instead.
         defer: Run the updates after ``schedule.step()`` (see the module docstring).
         scaler: The ``GradScaler`` holding the loss scale (``16-mixed``), else ``None``.
+        comm_device: Where the overflow flag is all-reduced (the device with NCCL).
         update_every: Micro-batches per update. The last stage backpropagates
             ``(loss / update_every) * scale``, as one device accumulating that many batches
             does; the worker divides the sum by ``update_every`` once more, so unscaling
@@ -83,8 +84,8 @@ class StageUpdates:
     def __init__(self, *, trainer: Any, module: Any, optimizers: dict[int, Optimizer],
                  schedulers: dict[int, list[Any]], intervals: list[tuple[str, int]],
                  global_index: dict[int, int], clip_val: float | None, clip_algorithm: str,
-                 custom_clipping: bool, defer: bool, scaler: Any, update_every: int = 1
-                 ) -> None:
+                 custom_clipping: bool, defer: bool, scaler: Any,
+                 comm_device: torch.device | None = None, update_every: int = 1) -> None:
         self.trainer = trainer
         self.module = module
         self.optimizers = optimizers
@@ -97,6 +98,7 @@ class StageUpdates:
         self.defer = defer
         self.scaler = scaler
         self.update_every = update_every
+        self.comm_device = comm_device or torch.device("cpu")
         #: Updates made by each stage (checkpointed; drives ``frequency``).
         self.updates: dict[int, int] = dict.fromkeys(optimizers, 0)
         #: Whether some update of this rank overflowed in the current batch (``16-mixed``).
@@ -203,7 +205,7 @@ class StageUpdates:
         call_hooks(self.trainer, self.module, "on_after_backward")
         inf = any([self._unscale(k) for k in stages])
         if self.scaler is not None and dist.is_initialized():
-            flag = torch.tensor(float(inf))
+            flag = torch.tensor(float(inf), device=self.comm_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             inf = bool(flag.item())
         call_hooks(self.trainer, self.module, "on_before_optimizer_step",

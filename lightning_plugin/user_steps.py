@@ -321,6 +321,11 @@ def merge_step_logs(per_rank: list[list[LogEntry]], last_rank: int) -> list[LogE
                 grouped.setdefault(e.name, []).append(e)
     merged = []
     for name, entries in grouped.items():
+        if any(isinstance(e.value, MetricRef) for e in entries):
+            raise PipelineContractError(
+                f"{name!r} was logged as a torchmetrics Metric object during training, which "
+                "PipeOptimStrategy does not support (the metric's state would live on one rank "
+                "only): log its value instead, e.g. self.log(name, metric(preds, target))")
         kwargs = dict(entries[0].kwargs)
         sizes = [e.kwargs.get("batch_size") for e in entries]
         if all(s is not None for s in sizes):

@@ -29,8 +29,11 @@ from lightning_plugin._compat import (  # noqa: E402
     count_updates,
     make_api,
     pipeline_methods,
+    process_group_timeout,
     schedule_facts,
+    trainer_of,
     uncount_updates,
+    uses_sync_batchnorm,
 )
 from lightning_plugin.checkpoint import assemble, param_index, stage_part, stage_state  # noqa
 from lightning_plugin.optim import (  # noqa: E402
@@ -94,6 +97,16 @@ def test_compat_surface() -> None:
                      "ScriptLauncher"):
             assert getattr(api, name) is not None, (package, name)
     assert isinstance(pl.Trainer.estimated_stepping_batches, property)
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert callable(DDPStrategy._configure_launcher)
+    strategy = PipeOptimStrategy(timeout=7)
+    assert process_group_timeout(strategy).total_seconds() == 7
+    assert not uses_sync_batchnorm(strategy) and trainer_of(Net()) is None
+    t = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False,
+                   sync_batchnorm=True)
+    assert uses_sync_batchnorm(t.strategy)
+    assert t.strategy.launcher._pipeoptim_strategy is t.strategy  # installed by us
 
     t = pl.Trainer(strategy=PipeOptimStrategy(), accelerator="cpu", devices=2, logger=False,
                    max_epochs=-1, max_steps=10)
@@ -388,6 +401,10 @@ def test_logs_are_captured_merged_and_nested_blocks_restore() -> None:
     by_name = {e.name: e for e in merged}
     assert float(by_name["a"].value) == 1.5 and by_name["a"].kwargs["batch_size"] == 4
     assert by_name["z"].value == 1.0
+    from lightning_plugin.user_steps import MetricRef
+
+    with pytest.raises(PipelineContractError, match="'m' was logged as a torchmetrics Metric"):
+        merge_step_logs([[LogEntry("m", MetricRef("acc"), {})]], last_rank=0)
 
 
 def test_redirected_forward_and_loss_checks() -> None:
