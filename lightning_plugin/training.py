@@ -134,8 +134,7 @@ class PipelineRun:
 
     # ------------------------------------------------------------------ epoch schedulers
     def _marks(self) -> list[Any]:
-        return [(getattr(s, "last_epoch", None), getattr(s, "_step_count", None))
-                for s in self.schedulers[self.local[0]]]
+        return [getattr(s, "last_epoch", None) for s in self.schedulers[self.local[0]]]
 
     def sync_siblings(self) -> None:
         """Other stages of this rank follow the first one's epoch-interval schedulers."""
