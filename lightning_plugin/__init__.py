@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 
-from ._core import PipelineContractError, PipelinePlan, PipeOptimConfigError
+from .checkpoint import CHECKPOINT_KEY
+from .errors import PipelineContractError, PipeOptimConfigError
 from .module import PipelineMixin, PipelineModule
+from .plan import PipelinePlan
 from .strategy import PipeOptimStrategy
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "PLPipeOptimStrategy",
     "PipeOptimConfigError",
     "PipeOptimStrategy",

@@ -1,32 +1,24 @@
-"""The pipeline contract of a LightningModule, and a base class that implements its defaults.
+"""Ready-made steps for a LightningModule that is just a chain of stages.
 
-A LightningModule trained with :class:`~lightning_plugin.PipeOptimStrategy` provides
-
-* ``pipeline_stages() -> Sequence[nn.Module]``: its model as consecutive stage modules
-  (stage ``k``'s output, a Tensor or a tuple of Tensors, is stage ``k+1``'s input; stage 0
-  gets ``x``, or ``*x`` when ``x`` is a tuple). They must be registered submodules (e.g. an
-  ``nn.ModuleList`` attribute), disjoint, without tied weights, and the same objects at every
-  call;
-* ``pipeline_loss(output, target) -> Tensor``: the loss of one micro-batch (a mean over its
-  samples), computed on the last stage;
-* optionally ``pipeline_metrics(output, target) -> Mapping[str, Tensor]``: more scalars logged
-  by validation and test as ``val_<name>`` / ``test_<name>``;
-* ``configure_optimizers`` as usual (one optimizer over the stages' parameters, optional LR
-  schedulers), and batches ``(x, y)``.
-
-:class:`PipelineMixin` adds ``forward`` (the stages in sequence) and the ``training_step`` /
-``validation_step`` / ``test_step`` Lightning requires: they are *not* called under
-``PipeOptimStrategy`` (the pipeline runs the stages), but let the same module train on one
-device with any other strategy, which is handy as a reference.
+Any LightningModule written for one device trains under
+:class:`~lightning_plugin.PipeOptimStrategy` once it defines ``pipeline_stages()``; its own
+steps run, with ``self(...)`` returning the pipeline's output. :class:`PipelineMixin` (and
+:class:`PipelineModule`, a ``lightning.pytorch.LightningModule`` with it) is a shortcut for
+the common case: define ``pipeline_stages()`` and ``pipeline_loss(output, target)`` (and,
+optionally, ``pipeline_metrics``), and get ``forward`` (the stages in sequence) and the
+``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step`` of batches
+``(x, y)``, on one device and under the strategy alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+
+from .contract import default_pipeline_inputs
 
 __all__ = ["PipelineMixin", "PipelineModule"]
 
@@ -36,11 +28,11 @@ def _as_tuple(x: Any) -> tuple[Any, ...]:
 
 
 class PipelineMixin:
-    """Defaults of the pipeline contract; mix into a ``LightningModule`` (either package).
+    """Defaults for a chain of stages; mix into a ``LightningModule`` (either package).
 
-    Subclasses implement :meth:`pipeline_stages` and :meth:`pipeline_loss`; ``training_step``,
-    ``validation_step`` and ``test_step`` log ``train_loss`` / ``val_loss`` / ``test_loss``
-    like the strategy does.
+    Subclasses implement :meth:`pipeline_stages` and :meth:`pipeline_loss`. The steps log
+    ``train_loss``, ``val_loss`` / ``val_<name>`` and ``test_loss`` / ``test_<name>`` (names
+    from :meth:`pipeline_metrics`).
     """
 
     def pipeline_stages(self) -> Sequence[nn.Module]:
@@ -48,11 +40,19 @@ class PipelineMixin:
         raise NotImplementedError
 
     def pipeline_loss(self, output: Any, target: Tensor) -> Tensor:
-        """The loss of one micro-batch (a mean over its samples)."""
+        """The loss of a batch (a mean over its samples)."""
         raise NotImplementedError
 
+    def pipeline_metrics(self, output: Any, target: Tensor) -> Mapping[str, Tensor]:
+        """More values to log in validation and test (default none)."""
+        return {}
+
+    def pipeline_inputs(self, batch: Any) -> Any:
+        """Stage 0's input: ``x`` of a batch ``(x, y)`` (or the batch, when it is a Tensor)."""
+        return default_pipeline_inputs(batch)
+
     def forward(self, *inputs: Any) -> Any:
-        """Run the stages in sequence (one device)."""
+        """Run the stages in sequence (under the strategy: the pipeline's output)."""
         out: tuple[Any, ...] = inputs
         for stage in self.pipeline_stages():
             out = _as_tuple(stage(*out))
@@ -60,21 +60,29 @@ class PipelineMixin:
 
     def _step(self, batch: Any, prefix: str) -> Tensor:
         x, y = batch
-        loss = self.pipeline_loss(self(*_as_tuple(x)), y)
+        out = self(*_as_tuple(x))
+        loss = self.pipeline_loss(out, y)
         self.log(f"{prefix}_loss", loss, prog_bar=True)  # type: ignore[attr-defined]
+        if prefix != "train":
+            for name, value in dict(self.pipeline_metrics(out, y)).items():
+                self.log(f"{prefix}_{name}", value)  # type: ignore[attr-defined]
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One-device training step (not called under ``PipeOptimStrategy``)."""
+        """``pipeline_loss`` of the batch, logged as ``train_loss``."""
         return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One-device validation step (under the strategy, the pipeline logs ``val_loss``)."""
+        """Logs ``val_loss`` and ``val_<name>`` of :meth:`pipeline_metrics`."""
         return self._step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One-device test step (under the strategy, the pipeline logs ``test_loss``)."""
+        """Logs ``test_loss`` and ``test_<name>`` of :meth:`pipeline_metrics`."""
         return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The model's output for the batch's input."""
+        return self(*_as_tuple(self.pipeline_inputs(batch)))
 
 
 class PipelineModule(PipelineMixin, pl.LightningModule):

@@ -1,7 +1,7 @@
 """``PipeOptimStrategy`` for ``lightning.pytorch`` (``import lightning as L``).
 
 Importing this module registers the strategy names of
-:data:`PipeOptimStrategy.REGISTERED <lightning_plugin._core.PipeOptimStrategyMixin.REGISTERED>`
+:data:`PipeOptimStrategy.REGISTERED <lightning_plugin.mixin.PipeOptimStrategyMixin.REGISTERED>`
 (``"pipeoptim"``, ``"pipeoptim_spawn"``, ``"pipeoptim_zbv"``, ...) in
 ``lightning.pytorch.strategies.StrategyRegistry``. The standalone ``pytorch_lightning`` package
 gets its own class, :class:`lightning_plugin._pl.PipeOptimStrategy`, registered under the same
@@ -13,17 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers import (
-    _MultiProcessingLauncher,
-    _SubprocessScriptLauncher,
-)
 
-from ._core import PipeOptimStrategyMixin, PrecheckLauncherMixin, make_api
+from ._compat import make_api
+from .launch import PrecheckLauncherMixin
+from .mixin import PipeOptimStrategyMixin
 
 __all__ = ["PipeOptimStrategy"]
 
+_API = make_api("lightning.pytorch")
 
-class _SpawnLauncher(PrecheckLauncherMixin, _MultiProcessingLauncher):
+
+class _SpawnLauncher(PrecheckLauncherMixin, _API.SpawnLauncher):
     """Lightning's spawn/fork launcher; checks the configuration before starting processes."""
 
     def __init__(self, strategy: Any, start_method: str = "spawn") -> None:
@@ -31,7 +31,7 @@ class _SpawnLauncher(PrecheckLauncherMixin, _MultiProcessingLauncher):
         self._pipeoptim_strategy = strategy
 
 
-class _ScriptLauncher(PrecheckLauncherMixin, _SubprocessScriptLauncher):
+class _ScriptLauncher(PrecheckLauncherMixin, _API.ScriptLauncher):
     """Lightning's subprocess-script launcher; checks the configuration before starting."""
 
     def __init__(self, strategy: Any, cluster_environment: Any, num_processes: int,
@@ -48,9 +48,10 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
     and trains them with :class:`~predictopt.pipeline.runtime.PredictiveStage`: every Lightning
     batch is one ``schedule.step()`` over ``n_microbatches`` micro-batches, during which each
     stage runs its forwards on predicted weights (PipeOptim, or another ``method``) and steps
-    its own optimizer after every ``update_every``-th completed backward. Lightning's own
-    backward and optimizer step do nothing; its loops, callbacks, loggers and checkpoints work
-    as usual. See ``docs/lightning.md`` for the module contract.
+    its own optimizer after every ``update_every``-th completed backward. The module's own
+    steps run on the rank holding the last stage, with ``self(...)`` returning the pipeline's
+    output (``training_step`` once per micro-batch; its loss is the one backpropagated), and
+    what they log reaches every rank. See ``docs/lightning.md``.
 
     Example::
 
@@ -69,13 +70,18 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
             other multi-stage ones a multiple of the number of devices (at least twice it).
         n_microbatches: Micro-batches per Lightning batch (the batch size must be a multiple
             of it). Default: twice the number of stages.
-        method: ``"pipeoptim"`` (default), ``"pipedream"``, ``"pipedream-2bw"``,
-            ``"spectrain"``, ``"xpipe"`` or ``"gpipe"``.
-        update_every: Completed backwards per optimizer update (``pipedream-2bw`` / ``xpipe``
-            only; default: the method's).
+        method: Any pipeline method of the installed ``predictopt.pipeline``
+            (``"pipeoptim"``, the default, ``"pipeoptim-lean"``, ``"pipedream"``,
+            ``"pipedream-2bw"``, ``"spectrain"``, ``"xpipe"``, ``"gpipe"``, ...).
+        update_every: Completed backwards per optimizer update (default: the method's). The
+            Trainer's ``accumulate_grad_batches`` sets it too.
         rule: Prediction rule overriding the method's (predicting methods).
         stages_per_rank: Stages per device for loop multi-stage schedules (default: number of
             stages / devices).
+        clip_scope: The norm ``gradient_clip_val`` clips by: ``"global"`` (over all stages, as
+            on one device; needs one update per batch and a method that does not predict,
+            e.g. ``gpipe``), ``"stage"`` (each stage's own gradient), or ``"auto"`` (global
+            where possible, else per stage).
         timeout: Seconds (or a ``timedelta``) after which a blocked collective or transfer
             raises instead of waiting for a peer that hangs (default 120).
         start_method: ``"auto"`` (spawn under pytest, fork in notebooks / REPLs, otherwise
@@ -83,6 +89,9 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
             ``"forkserver"``.
         check_batches: Check at every batch that all ranks read the same batch (one small
             all-gather): stage 0's inputs must pair with the last stage's targets.
+        check_steps: Before the first pipeline step, run ``training_step`` once on every rank
+            on the first micro-batch (the whole model in each process), so that a mistake
+            (e.g. a loss that is not a scalar) raises on every rank before any communication.
         schedule_aware: With a predicting method and one per-update LR scheduler, predict
             with the learning rates the scheduler will set
             (:meth:`~predictopt.PredictiveOptimizer.attach_scheduler`).
@@ -90,15 +99,16 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
         parallel_devices: Passed to Lightning (usually set by the Trainer).
         cluster_environment: Passed to Lightning (usually set by the Trainer).
         checkpoint_io: Passed to Lightning.
-        precision_plugin: Passed to Lightning; only 32-bit (``"32-true"``) is supported.
+        precision_plugin: Passed to Lightning: ``"32-true"``, ``"bf16-mixed"`` or
+            ``"16-mixed"``.
         process_group_backend: Default ``"gloo"`` on CPU, ``"nccl"`` on CUDA.
         **schedule_kwargs: More arguments of the torch schedule class.
 
     Raises:
-        PipeOptimConfigError: an unknown schedule or method, or bad sizes.
+        PipeOptimConfigError: an unknown schedule, method or option value.
     """
 
-    _api = make_api("lightning.pytorch")
+    _api = _API
     _spawn_launcher_cls = _SpawnLauncher
     _script_launcher_cls = _ScriptLauncher
 

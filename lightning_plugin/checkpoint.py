@@ -1,0 +1,99 @@
+"""Checkpoints in the format of a single-device run, assembled from the stages' optimizers.
+
+``checkpoint["optimizer_states"][0]`` is what ``optimizer.state_dict()`` of the optimizer
+``configure_optimizers`` returned would be on one device: the stages' states renumbered by the
+position of their parameters in that optimizer, its param groups with the current
+hyper-parameters. So a checkpoint moves between this strategy and a single device in both
+directions, and between schedules and methods. What only a pipeline has (updates made per
+stage, ``pipedream-2bw``'s previous weights) goes under the top-level key
+:data:`CHECKPOINT_KEY`, which a single-device run ignores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch.optim import Optimizer
+
+from .comm import to_cpu
+from .errors import PipeOptimConfigError
+
+__all__ = ["CHECKPOINT_KEY", "assemble", "param_index", "stage_part", "stage_state"]
+
+#: Top-level checkpoint key of the pipeline's own state.
+CHECKPOINT_KEY = "predictopt_pipeline"
+
+
+def param_index(optimizer: Optimizer) -> dict[int, int]:
+    """``{id(param): i}``: ``i`` numbers the parameters as ``optimizer.state_dict()`` does."""
+    out: dict[int, int] = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            out.setdefault(id(p), len(out))
+    return out
+
+
+def _local_params(optimizer: Optimizer) -> list[Any]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def stage_part(optimizer: Optimizer, index: Mapping[int, int]) -> dict[str, Any]:
+    """One stage optimizer's state, keyed by the single-device parameter numbers (on the CPU)."""
+    sd = optimizer.state_dict()
+    local = [index[id(p)] for p in _local_params(optimizer)]
+    return {
+        "state": {local[i]: to_cpu(st) for i, st in sd["state"].items()},
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
+    }
+
+
+def assemble(parts: list[dict[str, Any]], source: Optimizer, index: Mapping[int, int]
+             ) -> dict[str, Any]:
+    """The single-device ``state_dict()`` of ``source`` from every stage's :func:`stage_part`.
+
+    Args:
+        parts: The parts of all stages (the hyper-parameters are taken from the first).
+        source: The optimizer ``configure_optimizers`` returned (its param groups).
+        index: :func:`param_index` of ``source``.
+    """
+    state: dict[int, Any] = {}
+    for part in parts:
+        state.update(part["state"])
+    groups = []
+    for g_src, g_hyper in zip(source.param_groups, parts[0]["groups"], strict=True):
+        groups.append({**g_hyper, "params": [index[id(p)] for p in g_src["params"]]})
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def stage_state(full: Mapping[str, Any], optimizer: Optimizer, index: Mapping[int, int]
+                ) -> dict[str, Any]:
+    """A stage optimizer's ``state_dict()`` cut from a single-device one.
+
+    Raises:
+        PipeOptimConfigError: the checkpoint's optimizer has other param groups.
+    """
+    groups = full.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        have = len(groups) if isinstance(groups, list) else "no"
+        raise PipeOptimConfigError(
+            f"the checkpoint's optimizer state has {have} param group(s), the optimizer of "
+            f"configure_optimizers {len(optimizer.param_groups)}: resume with the same "
+            "configure_optimizers")
+    total = sum(len(g["params"]) for g in groups)
+    if total != len(index):
+        raise PipeOptimConfigError(
+            f"the checkpoint's optimizer covers {total} parameters, the optimizer of "
+            f"configure_optimizers {len(index)}: resume with the same model and optimizer")
+    state = {}
+    out_groups = []
+    counter = 0
+    for g_full, g_local in zip(groups, optimizer.param_groups):
+        out_groups.append({**{k: v for k, v in g_full.items() if k != "params"},
+                           "params": list(range(counter, counter + len(g_local["params"])))})
+        for p in g_local["params"]:
+            st = full["state"].get(index[id(p)])
+            if st is not None:
+                state[counter] = st
+            counter += 1
+    return {"state": state, "param_groups": out_groups}

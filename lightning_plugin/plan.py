@@ -1,0 +1,154 @@
+"""Where the stages run and how often they update: :class:`PipelinePlan`, :func:`make_plan`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._compat import pipeline_methods, schedule_facts
+from .errors import PipeOptimConfigError
+
+__all__ = ["PipelinePlan", "check_pipeline_method", "make_plan"]
+
+
+def check_pipeline_method(method: Any) -> str:
+    """``method`` if the installed ``predictopt.pipeline`` runs it in a pipeline.
+
+    Raises:
+        PipeOptimConfigError: anything else (the message lists the accepted names).
+    """
+    accepted = pipeline_methods()
+    if not isinstance(method, str) or method not in accepted:
+        raise PipeOptimConfigError(f"method must be one of {', '.join(accepted)}; got "
+                                   f"{method!r}")
+    return method
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Where the stages run and how often they update.
+
+    Attributes:
+        schedule: Canonical schedule name (``"1F1B"``, ``"ZBVZeroBubble"``, ...).
+        num_ranks: Pipeline ranks (= Lightning's world size).
+        stages_per_rank: Stages on each rank.
+        num_stages: Total stages.
+        placement: ``{stage: rank}``.
+        n_microbatches: Micro-batches per Lightning batch (per ``schedule.step``).
+        update_every: Completed backwards per optimizer update.
+        method: The pipeline method.
+    """
+
+    schedule: str
+    num_ranks: int
+    stages_per_rank: int
+    num_stages: int
+    placement: dict[int, int]
+    n_microbatches: int
+    update_every: int
+    method: str = "pipeoptim"
+
+    def local(self, rank: int) -> list[int]:
+        """The stages of ``rank``, sorted."""
+        return sorted(k for k, r in self.placement.items() if r == rank)
+
+    @property
+    def first_rank(self) -> int:
+        """Rank of stage 0 (it gets the inputs)."""
+        return self.placement[0]
+
+    @property
+    def last_rank(self) -> int:
+        """Rank of the last stage (it runs the LightningModule's steps)."""
+        return self.placement[self.num_stages - 1]
+
+    @property
+    def updates_per_step(self) -> int:
+        """Updates of every stage per Lightning batch: ``n_microbatches // update_every``."""
+        return self.n_microbatches // self.update_every
+
+
+def _stages_per_rank(facts: Any, num_stages: int, k: int, stages_per_rank: int | None) -> int:
+    name = facts.name
+    have = f"the Trainer runs {k} process(es) (devices x num_nodes)"
+    if not facts.multi_stage:
+        if num_stages != k:
+            raise PipeOptimConfigError(
+                f"schedule {name!r} runs one stage per device: pipeline_stages() returned "
+                f"{num_stages} stage(s), so it needs devices={num_stages} (devices x num_nodes "
+                f"= {num_stages}), but {have}. Use a multi-stage schedule (e.g. "
+                "'Interleaved1F1B') to put several stages on each device")
+        return 1
+    if facts.v_placement:
+        if num_stages != 2 * k:
+            need = f"devices={num_stages // 2}" if num_stages % 2 == 0 else \
+                f"an even number of stages ({num_stages} is odd)"
+            raise PipeOptimConfigError(
+                f"schedule {name!r} puts exactly 2 stages on each device (V placement): "
+                f"pipeline_stages() returned {num_stages} stage(s), which needs {need}, but "
+                f"{have}")
+        return 2
+    if stages_per_rank is not None:
+        spr = stages_per_rank
+    elif num_stages % k == 0 and num_stages >= 2 * k:
+        spr = num_stages // k
+    else:
+        spr = 0
+    if spr < 2 or num_stages != spr * k:
+        raise PipeOptimConfigError(
+            f"schedule {name!r} puts >= 2 stages on each device (loop placement): "
+            f"pipeline_stages() returned {num_stages} stage(s) but {have}; the number of "
+            f"stages must be a multiple of the number of devices and at least twice it "
+            f"(e.g. {2 * k} stages on {k} devices, or devices={num_stages // 2} for "
+            f"{num_stages} stages when that is a whole number)")
+    return spr
+
+
+def make_plan(schedule: str, num_stages: int, world_size: int, *,
+              stages_per_rank: int | None = None, n_microbatches: int | None = None,
+              method: str = "pipeoptim", update_every: int | None = None,
+              update_every_source: str = "update_every") -> PipelinePlan:
+    """Check that ``num_stages`` stages fit ``world_size`` devices under ``schedule`` and that
+    the method can run that configuration; no process group needed.
+
+    The method is checked by building, for every stage, the
+    :class:`~predictopt.pipeline.StageWorker` the runtime will build (on a stand-in module), with
+    that stage's staleness table: every error the method would raise at the first step
+    (``update_every`` it does not accept, ``pipedream-2bw`` with staleness >= 2, a micro-batch
+    count torch's schedule rejects) is raised here.
+
+    Args:
+        update_every_source: How to name ``update_every`` in messages (e.g.
+            ``"accumulate_grad_batches"`` when it comes from the Trainer).
+
+    Raises:
+        PipeOptimConfigError: a stage count the schedule cannot place on that many devices
+            (the message says how many devices, or stages, are needed), or a configuration the
+            method or the schedule rejects.
+    """
+    from predictopt.pipeline import StageWorker, default_update_every, stage_to_rank, staleness
+
+    facts = schedule_facts(schedule)
+    method = check_pipeline_method(method)
+    spr = _stages_per_rank(facts, num_stages, world_size, stages_per_rank)
+    placement = stage_to_rank(facts.name, world_size, spr)
+    n = n_microbatches if n_microbatches is not None else 2 * num_stages
+    u = update_every if update_every is not None else default_update_every(method, num_stages, n)
+    what = f"{update_every_source}={u}" if update_every is not None else f"update_every={u}"
+    if n % u:
+        raise PipeOptimConfigError(f"{what} must divide n_microbatches ({n}): every batch of "
+                                   f"{n} micro-batches must end with an update")
+    try:
+        table = staleness(facts.name, world_size, n, stages_per_rank=spr, update_every=u)
+        for k in range(num_stages):
+            probe = nn.Linear(1, 1)
+            StageWorker(probe, torch.optim.SGD(probe.parameters(), lr=0.0), method=method,
+                        staleness=table[k], update_every=u)
+    except ValueError as e:
+        raise PipeOptimConfigError(
+            f"method {method!r} cannot run schedule {facts.name!r} with n_microbatches={n} and "
+            f"{what} on {world_size} device(s): {e}") from e
+    return PipelinePlan(facts.name, world_size, spr, num_stages, placement, n, u, method)
