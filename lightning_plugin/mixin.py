@@ -60,7 +60,7 @@ class PipeOptimStrategyMixin:
         schedule: str = "1F1B",
         *,
         n_microbatches: int | None = None,
-        method: str = "pipeoptim",
+        method: str | None = None,
         update_every: int | None = None,
         rule: Any = None,
         stages_per_rank: int | None = None,
@@ -203,9 +203,9 @@ class PipeOptimStrategyMixin:
         return plan
 
     def _can_defer(self, plan: PipelinePlan) -> bool:
-        from predictopt.pipeline import PREDICTING_METHODS
+        from predictopt.pipeline import get_method
 
-        return (plan.updates_per_step == 1 and plan.method not in PREDICTING_METHODS
+        return (plan.updates_per_step == 1 and not get_method(plan.method).predicts
                 and self.clip_scope != "stage")
 
     def _precheck(self, trainer: Any, model: Any) -> None:

@@ -15,11 +15,16 @@ __all__ = ["PipelinePlan", "check_pipeline_method", "make_plan"]
 
 
 def check_pipeline_method(method: Any) -> str:
-    """``method`` if the installed ``predictopt.pipeline`` runs it in a pipeline.
+    """``method`` if the installed ``predictopt.pipeline`` runs it in a pipeline (``None``: its
+    ``DEFAULT_METHOD``).
 
     Raises:
         PipeOptimConfigError: anything else (the message lists the accepted names).
     """
+    if method is None:
+        from predictopt.pipeline import DEFAULT_METHOD
+
+        return DEFAULT_METHOD
     accepted = pipeline_methods()
     if not isinstance(method, str) or method not in accepted:
         raise PipeOptimConfigError(f"method must be one of {', '.join(accepted)}; got "

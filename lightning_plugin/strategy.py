@@ -71,8 +71,8 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
         n_microbatches: Micro-batches per Lightning batch (the batch size must be a multiple
             of it). Default: twice the number of stages.
         method: Any pipeline method of the installed ``predictopt.pipeline``
-            (``"pipeoptim"``, the default, ``"pipeoptim-lean"``, ``"pipedream"``,
-            ``"pipedream-2bw"``, ``"spectrain"``, ``"xpipe"``, ``"gpipe"``, ...).
+            (``predictopt.pipeline.PIPELINE_METHODS`` and any registered one; default
+            ``predictopt.pipeline.DEFAULT_METHOD``).
         update_every: Completed backwards per optimizer update (default: the method's). The
             Trainer's ``accumulate_grad_batches`` sets it too.
         rule: Prediction rule overriding the method's (predicting methods).

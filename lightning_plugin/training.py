@@ -77,7 +77,7 @@ class PipelineRun:
                  defer: bool, scaler: Any,
                  train_context: Callable[[], AbstractContextManager[Any]], autocast: bool
                  ) -> None:
-        from predictopt.pipeline import PREDICTING_METHODS
+        from predictopt.pipeline import get_method
         from predictopt.pipeline.runtime import build_pipeline
 
         self.trainer, self.module, self.plan, self.rank = trainer, module, plan, rank
@@ -111,8 +111,17 @@ class PipelineRun:
             method=plan.method, loss_fn=self.loss_fn, device=device,
             update_every=plan.update_every, stages_per_rank=plan.stages_per_rank,
             rule=options.rule, **options.schedule_kwargs)
+        for stage in self.stages:
+            k = stage.stage_index
+            if stage.optimizer is not self.optimizers[k]:
+                raise PipeOptimConfigError(
+                    f"method {plan.method!r} replaces the stage optimizer "
+                    f"({type(self.optimizers[k]).__name__} -> {type(stage.optimizer).__name__}); "
+                    f"under Lightning, return {type(stage.optimizer).__name__} from "
+                    "configure_optimizers instead")
+            stage.after_update_hooks.append(self.updates.after_update(k))
         step_idx = [i for i, c in enumerate(configs) if c.interval == "step"]
-        aware = (options.schedule_aware and plan.method in PREDICTING_METHODS
+        aware = (options.schedule_aware and get_method(plan.method).predicts
                  and len(step_idx) == 1 and configs[step_idx[0]].frequency == 1)
         for stage in self.stages:
             if aware and stage.worker is not None:

@@ -140,8 +140,8 @@ class StageUpdates:
         if not inf:
             self._clip([k])
             out = self._original[k](closure) if closure is not None else self._original[k]()
-        self._after(k, inf)
-        return out
+        self._count(k, inf)  # the schedulers step in after_update, once the worker restored
+        return out          # the learning rate its method may scale for the update
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
@@ -185,13 +185,32 @@ class StageUpdates:
             torch.tensor([v for _, v in norms], dtype=params[0].grad.dtype))
         torch.nn.utils.clip_grads_with_norm_(params, self.clip_val, total.to(params[0].device))
 
-    def _after(self, k: int, inf: bool) -> None:
+    def _count(self, k: int, inf: bool) -> None:
         self.found_inf = self.found_inf or inf
         self.updates[k] += 1
+
+    def _step_schedulers(self, k: int) -> None:
         count = self.updates[k]
         for sched, (interval, frequency) in zip(self.schedulers[k], self.intervals):
             if interval == "step" and count % frequency == 0:
                 sched.step()
+
+    def _after(self, k: int, inf: bool) -> None:
+        self._count(k, inf)
+        self._step_schedulers(k)
+
+    def after_update(self, k: int) -> Callable[[Any], None]:
+        """The hook a stage's worker runs after each of its updates
+        (``PredictiveStage.after_update_hooks``): the ``interval="step"`` schedulers step
+        there, after the worker restored any learning rate its method scaled."""
+        ref = weakref.ref(self)
+
+        def hook(_worker: Any) -> None:
+            updates = ref()
+            if updates is not None and not updates.defer:
+                updates._step_schedulers(k)
+
+        return hook
 
     # ------------------------------------------------------------------ deferred updates
     def finish_batch(self) -> None:

@@ -116,9 +116,10 @@ def test_compat_surface() -> None:
     uncount_updates(t)
     assert type(t) is pl.Trainer and t.estimated_stepping_batches == 10
 
-    from predictopt.pipeline import METHODS, SUPPORTED_SCHEDULES
+    from predictopt.pipeline import PIPELINE_METHODS, SUPPORTED_SCHEDULES, get_method
 
-    assert set(pipeline_methods()) == set(METHODS) - {"sequential"}
+    assert set(pipeline_methods()) == set(PIPELINE_METHODS)
+    assert not any(get_method(m).staleness_free for m in pipeline_methods())
     facts = {s: schedule_facts(s.lower()) for s in SUPPORTED_SCHEDULES}
     assert facts["1F1B"].name == "1F1B" and not facts["1F1B"].multi_stage
     assert facts["ZBVZeroBubble"].v_placement and facts["DualPipeV"].v_placement

@@ -390,3 +390,48 @@ def test_worker_rejects_a_conversion_of_a_wrapped_optimizer():
     opt = PredictiveOptimizer(torch.optim.AdamW(m.parameters()), steps=1)
     with pytest.raises(ValueError, match="converts the stage optimizer"):
         StageWorker(m, opt, method="nesterov", staleness=[0, 1])
+
+
+def test_a_scheduler_of_the_original_optimizer_reaches_a_converted_one():
+    """Conversions keep the group dicts: a scheduler built on the user's optimizer still sets
+    the learning rate the converted optimizer uses."""
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    w = StageWorker(m, opt, method="nesterov", staleness=[0])
+    new = w.optimizer.optimizer
+    assert isinstance(new, torch.optim.NAdam) and new.param_groups[0] is opt.param_groups[0]
+    assert new.param_groups[0]["betas"][0] == 0.99
+    sched.step()
+    assert new.param_groups[0]["lr"] == 0.05
+    s = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sc = SpikeCompensation().prepare(s, ctx(2))
+    assert sc.param_groups[0] is s.param_groups[0] and sc.param_groups[0]["delay"] == 2
+
+
+def test_after_update_hooks_see_the_optimizers_own_learning_rate():
+    """A scheduler stepped once per update from ``after_update`` follows its own schedule while
+    every update uses lr * factor: the same weights, bit for bit, as the unscaled method with a
+    learning rate and a schedule halved."""
+
+    def run(method, lr):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        w = StageWorker(m, opt, method=method, staleness=[0, 1])
+        seen = []
+        w.after_update.append(lambda worker: (sched.step(),
+                                              seen.append(opt.param_groups[0]["lr"])))
+        x = torch.randn(4, 3)
+        for _ in range(2):
+            outs = [w.forward(i, x + i) for i in range(2)]
+            for i in range(2):
+                w.backward(i, loss=outs[i].square().mean())
+        return m, seen
+
+    spec = get_method("pipedream").with_(name="dl", transforms=(DelayScaledLR(),))
+    m1, seen = run(spec, 0.1)  # delay 1: factor 1/2
+    m2, _ = run("pipedream", 0.05)
+    assert seen == [0.05, 0.025, 0.0125, 0.00625]
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))

@@ -39,6 +39,7 @@ from predictopt.pipeline.schedules import (
 from predictopt.pipeline.semantics import (
     LEAN_METHODS,
     METHODS,
+    PIPELINE_METHODS,
     PREDICTING_METHODS,
     FirstMomentRule,
     StageWorker,
@@ -66,6 +67,7 @@ __all__ = [
     "staleness",
     "timeline",
     "METHODS",
+    "PIPELINE_METHODS",
     "LEAN_METHODS",
     "PREDICTING_METHODS",
     "FirstMomentRule",

@@ -580,6 +580,9 @@ class PredictiveStage(PipelineStage):
         self._schedule_ref: Callable[[], Any] | None = None
         self._pending_previous: list[Tensor] | None = None
         self._pending_transform_state: dict[Tensor, dict[str, Any]] = {}
+        #: ``fn(worker)`` run after every update of this stage (kept across re-attaches; see
+        #: :attr:`StageWorker.after_update`).
+        self.after_update_hooks: list[Callable[[StageWorker], None]] = []
         self._last_shapes: dict[str, tuple[int, bool, Any]] = {}
         self._in_call = False
         self._updates_at_begin = 0
@@ -622,6 +625,7 @@ class PredictiveStage(PipelineStage):
         if previous is not None:
             self.worker.previous_version = previous
         self.worker.transform_state.update(state)
+        self.worker.after_update = self.after_update_hooks
         self._pending_previous = None
         self._pending_transform_state = {}
         self._last_shapes.clear()  # torch sizes the new schedule's buffers at its first step

@@ -105,6 +105,7 @@ from .methods import (
 __all__ = [
     "LEAN_METHODS",
     "METHODS",
+    "PIPELINE_METHODS",
     "PREDICTING_METHODS",
     "FirstMomentRule",
     "StageWorker",
@@ -119,6 +120,9 @@ _BASE_AFTER = StageTransform.after_step
 #: The built-in methods that run on torch's pipeline schedules (and ``sequential``), by name.
 METHODS: tuple[str, ...] = tuple(
     m for m in available_methods() if get_method(m).schedules is None)
+#: The built-in methods the distributed runtime runs (all of :data:`METHODS` but the
+#: single-process reference).
+PIPELINE_METHODS: tuple[str, ...] = tuple(m for m in METHODS if not get_method(m).staleness_free)
 #: Built-in methods whose forwards run on predicted weights.
 PREDICTING_METHODS: tuple[str, ...] = tuple(m for m in METHODS if get_method(m).predicts)
 #: Built-in methods whose backwards use the stage's current weights instead of the forward's.
@@ -405,6 +409,10 @@ class StageWorker:
         self._after = [t for t in spec.transforms if type(t).after_step is not _BASE_AFTER]
         #: Per-parameter state of the method's transforms (part of a stage checkpoint).
         self.transform_state: dict[Tensor, dict[str, Any]] = {}
+        #: Callables ``fn(worker)`` run after every update, once the learning rate the method
+        #: scaled is restored and the gradients are cleared (e.g. a learning-rate scheduler
+        #: stepped once per update: it then sees the optimizer's own ``lr``).
+        self.after_update: list[Any] = []
 
         self._chunks: dict[int, _Chunk] = {}
         self._forwarded: set[int] = set()  # micro-batches forwarded in the current step
@@ -757,9 +765,9 @@ class StageWorker:
         scale = self.lr_scale()
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
-        if scale != 1.0:
-            for g, lr in zip(groups, saved):
-                g["lr"] = lr * scale  # a new object: a Tensor lr of the user is not written to
+        scaled = [lr * scale for lr in saved] if scale != 1.0 else saved
+        for g, lr in zip(groups, scaled):
+            g["lr"] = lr  # a new object: a Tensor lr of the user is not written to
         try:
             self.optimizer.step()
             if self._after:
@@ -767,9 +775,12 @@ class StageWorker:
                 for t in self._after:
                     t.after_step(self.context, ctx)
         finally:
-            for g, lr in zip(groups, saved):
-                g["lr"] = lr
+            for g, lr, mine in zip(groups, saved, scaled):
+                if g["lr"] is mine:  # unless something (a scheduler hooked to the step) set it
+                    g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0
         self._covered.clear()
         self.num_updates += 1
+        for fn in self.after_update:
+            fn(self)

@@ -15,6 +15,10 @@ stage's delay, the largest staleness of a step at that stage (``K - 1 - k`` for 
 * :class:`NesterovMomentum` (Ajanthan et al., 2025, whose code trains NAdam on weight
   stashing): Adam/AdamW become ``torch.optim.NAdam`` (decoupled decay for AdamW), momentum SGD
   becomes Nesterov SGD.
+
+The conversions (Spike Compensation, Nesterov) build the new optimizer over the *same* parameter
+group dicts as the one they replace, so an LR scheduler created for the user's optimizer keeps
+setting the learning rate the converted one uses.
 * :class:`AdaptiveMomentum` (Ajanthan et al., 2025, ``--adaptive_momentum``): the first-moment
   coefficient $\beta_1 + D(\beta^\star - \beta_1)/K$.
 * :class:`QuasiHyperbolicMomentum` (Ma & Yarats, 2019, applied per stage): the update mixes the
@@ -72,6 +76,19 @@ def _fresh(optimizer: Optimizer, what: str) -> None:
 _ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
 
 
+def _rebuild(cls: type, groups: list[dict[str, Any]], **kwargs: Any) -> Optimizer:
+    """A ``cls`` optimizer over the *same* group dicts as the optimizer it replaces, so that
+    whatever holds the old one (an LR scheduler sets ``group["lr"]`` in these dicts) still
+    reaches the new one."""
+    new = cls([{"params": []}], **kwargs)  # defaults only; the real groups follow
+    new.param_groups.clear()
+    for g in groups:
+        for key, value in new.defaults.items():
+            g.setdefault(key, value)
+        new.param_groups.append(g)
+    return new
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer requirements and conversions
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +122,10 @@ class SpikeCompensation(StageTransform):
             return optimizer
         RequireMomentumSGD().prepare(optimizer, ctx)
         _fresh(optimizer, "Spike Compensation")
-        groups = [{**{k: v for k, v in g.items() if k not in ("differentiable", "fused")},
-                   "delay": delay} for g in optimizer.param_groups]
-        return SpikeCompensatedSGD(groups, lr=groups[0]["lr"])
+        groups = optimizer.param_groups
+        for g in groups:
+            g["delay"] = delay
+        return _rebuild(SpikeCompensatedSGD, groups, lr=groups[0]["lr"])
 
 
 class NesterovMomentum(StageTransform):
@@ -141,9 +159,10 @@ class NesterovMomentum(StageTransform):
                 raise ValueError("Nesterov momentum needs SGD with momentum > 0 and "
                                  "dampening = 0 in every group")
             _fresh(optimizer, "Nesterov momentum")
-            groups = [{**{k: v for k, v in g.items() if k not in ("fused",)}, "nesterov": True}
-                      for g in optimizer.param_groups]
-            return torch.optim.SGD(groups, lr=groups[0]["lr"])
+            for g in optimizer.param_groups:
+                g["nesterov"] = True
+            return _rebuild(torch.optim.SGD, optimizer.param_groups,
+                            lr=optimizer.param_groups[0]["lr"])
         if not isinstance(optimizer, _ADAM_LIKE) or any(
                 g.get("amsgrad") for g in optimizer.param_groups):
             raise ValueError(f"Nesterov momentum converts Adam, AdamW (without amsgrad) or "
@@ -151,15 +170,14 @@ class NesterovMomentum(StageTransform):
         _fresh(optimizer, "Nesterov momentum")
         decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
             g.get("decoupled_weight_decay") for g in optimizer.param_groups)
-        groups = []
-        for g in optimizer.param_groups:
-            betas = g["betas"]
-            b1 = self.beta1 if self.beta1 is not None else betas[0]
-            groups.append({"params": g["params"], "lr": g["lr"], "betas": (b1, betas[1]),
-                           "eps": g["eps"], "weight_decay": g["weight_decay"],
-                           "maximize": g.get("maximize", False)})
-        return torch.optim.NAdam(groups, lr=groups[0]["lr"], momentum_decay=self.momentum_decay,
-                                 decoupled_weight_decay=decoupled)
+        groups = optimizer.param_groups
+        for g in groups:
+            if self.beta1 is not None:
+                g["betas"] = (self.beta1, g["betas"][1])
+            g["momentum_decay"] = self.momentum_decay
+            g["decoupled_weight_decay"] = decoupled
+            g["fused"] = None  # torch has no fused NAdam
+        return _rebuild(torch.optim.NAdam, groups, lr=groups[0]["lr"])
 
 
 class AdaptiveMomentum(StageTransform):
