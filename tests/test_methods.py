@@ -435,3 +435,54 @@ def test_after_update_hooks_see_the_optimizers_own_learning_rate():
     m2, _ = run("pipedream", 0.05)
     assert seen == [0.05, 0.025, 0.0125, 0.00625]
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def _qh_plain(opt, nu):
+    """The correction written per parameter (the plain reference of the foreach version)."""
+    with torch.no_grad():
+        for group in opt.param_groups:
+            lr, sign = group["lr"], (-1.0 if group.get("maximize") else 1.0)
+            for p in group["params"]:
+                g = p.grad * sign
+                st = opt.state[p]
+                if "betas" in group:
+                    b1, b2 = group["betas"]
+                    t = float(st["step"])
+                    v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                    if not isinstance(opt, torch.optim.AdamW) and group["weight_decay"]:
+                        g = g + group["weight_decay"] * p
+                    denom = (v / (1 - b2 ** t)).sqrt() + group["eps"]
+                    p -= lr * (1 - nu) * (g - st["exp_avg"] / (1 - b1 ** t)) / denom
+                else:
+                    mu = group["momentum"]
+                    g = g + group["weight_decay"] * p
+                    p -= lr * (1 - nu) * (g / (1 - mu) - st["momentum_buffer"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True, maximize=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True),
+])
+def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
+    from predictopt.pipeline.methods import UpdateContext
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    a = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64))
+         for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa, ob = make(a), make(b)
+    qh = QuasiHyperbolicMomentum(0.3)
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+        for ps, opt in ((a, oa), (b, ob)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        qh.after_step(ctx(), UpdateContext(oa, a, 0))
+        _qh_plain(ob, 0.3)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)

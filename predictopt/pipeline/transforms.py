@@ -264,20 +264,6 @@ class DelayScaledLR(StageTransform):
 # ---------------------------------------------------------------------------------------------
 
 
-def _adam_terms(optimizer: Optimizer, group: dict[str, Any], p: Tensor
-                ) -> tuple[Tensor, Tensor] | None:
-    """``(m_hat, sqrt(v_hat) + eps)`` of an Adam/AdamW parameter after its step."""
-    st = optimizer.state.get(p)
-    if not st or "exp_avg" not in st:
-        return None
-    b1, b2 = (float(b) for b in group["betas"])
-    step = float(st["step"])
-    v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-    m_hat = st["exp_avg"] / (1.0 - b1 ** step)
-    denom = (v / (1.0 - b2 ** step)).sqrt_().add_(float(group["eps"]))
-    return m_hat, denom
-
-
 class QuasiHyperbolicMomentum(StageTransform):
     r"""Mix the fresh gradient into the momentum direction: the update of a stage becomes
     $\eta\,[\nu\,\hat m + (1 - \nu)\,\tilde g] / (\sqrt{\hat v} + \epsilon)$ for Adam and AdamW
@@ -286,7 +272,9 @@ class QuasiHyperbolicMomentum(StageTransform):
     $b \leftarrow \mu b + \tilde g$), with $\nu = 1$ the optimizer as it is. Applied after the
     optimizer's own step as $w \leftarrow w - \eta (1 - \nu) (\tilde g - \hat m) /
     (\sqrt{\hat v} + \epsilon)$, resp. $w - \eta (1 - \nu)(\tilde g / (1 - \mu) - b)$: one
-    more pass over the weights.
+    more pass over the weights, with ``_foreach`` kernels over runs of at most 32 MiB of
+    parameters (the temporaries stay bounded). The L2 term of Adam and SGD is taken at the
+    weights after the step (the step's own is at the weights before it, which are gone).
 
     Args:
         nu: $\nu \in [0, 1]$; ``"delay"`` for $\nu = \beta_1^{D}$ (Spike Compensation's split:
@@ -321,28 +309,75 @@ class QuasiHyperbolicMomentum(StageTransform):
             nu = self._nu(group, ctx)
             if nu == 1.0:
                 continue
-            lr = float(group["lr"])
+            alpha = -float(group["lr"]) * (1.0 - nu)
             sign = -1.0 if group.get("maximize") else 1.0
-            for p in group["params"]:
-                if p.grad is None or p.grad.is_sparse:
-                    continue
-                g = p.grad * sign
-                if "betas" in group:
-                    terms = _adam_terms(opt, group, p)
-                    if terms is None:
-                        continue
-                    m_hat, denom = terms
-                    if not isinstance(opt, torch.optim.AdamW) and group["weight_decay"]:
-                        g = g.add(p, alpha=float(group["weight_decay"]))
-                    p.addcdiv_(g.sub_(m_hat), denom, value=-lr * (1.0 - nu))
-                else:
-                    buf = opt.state.get(p, {}).get("momentum_buffer")
-                    if buf is None:
-                        continue
-                    if group["weight_decay"]:
-                        g = g.add(p, alpha=float(group["weight_decay"]))
-                    mu = float(group["momentum"])
-                    p.add_(g.div_(1.0 - mu).sub_(buf), alpha=-lr * (1.0 - nu))
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if "betas" in group:
+                l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
+                self._adam(opt, group, alpha, sign, l2)
+            else:
+                self._sgd(opt, group, alpha, sign, wd)
+
+    @staticmethod
+    def _adam(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
+              l2: float) -> None:
+        b1, b2 = (float(b) for b in group["betas"])
+        eps = float(group["eps"])
+        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        buckets: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if p.grad is None or p.grad.is_sparse or not st or "exp_avg" not in st:
+                continue
+            k = (p.device, p.dtype, float(st["step"]))
+            buckets.setdefault(k, []).append((p, p.grad, st["exp_avg"], st[key]))
+        for (_, _, step), items in buckets.items():
+            bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+            for chunk in _chunks(items):
+                ps, gs, ms, vs = (list(x) for x in zip(*chunk))
+                denom = torch._foreach_div(vs, bc2)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                diff = torch._foreach_mul(gs, sign)
+                if l2:
+                    torch._foreach_add_(diff, ps, alpha=l2)  # the L2 term at the new weights
+                torch._foreach_add_(diff, ms, alpha=-1.0 / bc1)
+                torch._foreach_addcdiv_(ps, diff, denom, value=alpha)
+
+    @staticmethod
+    def _sgd(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
+             wd: float) -> None:
+        mu = float(group["momentum"])
+        items = [(p, p.grad, opt.state[p]["momentum_buffer"]) for p in group["params"]
+                 if p.grad is not None and not p.grad.is_sparse
+                 and opt.state.get(p, {}).get("momentum_buffer") is not None]
+        by: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+        for it in items:
+            by.setdefault((it[0].device, it[0].dtype), []).append(it)
+        for bucket in by.values():
+            for chunk in _chunks(bucket):
+                ps, gs, bs = (list(x) for x in zip(*chunk))
+                diff = torch._foreach_mul(gs, sign / (1.0 - mu))
+                if wd:
+                    torch._foreach_add_(diff, ps, alpha=wd / (1.0 - mu))
+                torch._foreach_sub_(diff, bs)
+                torch._foreach_add_(ps, diff, alpha=alpha)
+
+
+def _chunks(items: list[tuple[Tensor, ...]], budget: int = 1 << 25
+            ) -> list[list[tuple[Tensor, ...]]]:
+    """Split ``items`` (led by a parameter) into runs of at most ``budget`` parameter bytes,
+    so that the temporaries of one run stay bounded."""
+    out: list[list[tuple[Tensor, ...]]] = [[]]
+    size = 0
+    for it in items:
+        n = it[0].numel() * it[0].element_size()
+        if out[-1] and size + n > budget:
+            out.append([])
+            size = 0
+        out[-1].append(it)
+        size += n
+    return [c for c in out if c]
 
 
 class DelayCompensation(StageTransform):
