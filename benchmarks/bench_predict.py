@@ -4,7 +4,10 @@ For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule)
 ``nn.Linear`` layers (~200 tensors, ~25M parameters with ``--size full``, ~2M with ``small``):
 
 * ``step``: one ``optimizer.step()`` of the bare optimizer with ``foreach=True``;
-* ``wrapped step``: ``PredictiveOptimizer.step()`` (differs only for rules that record updates);
+* ``wrapped step``: ``PredictiveOptimizer(calibrate=False).step()`` (differs only for rules that
+  record updates);
+* ``calibrated step``: ``step()`` of the default, calibrated wrapper (``s = 1``: one calibration
+  sample per step: an uncalibrated prediction and three float64 inner products);
 * ``predict_`` / ``restore_`` of `predictopt.PredictiveOptimizer`;
 * ``loop``: the same prediction written per parameter in Python, in the style of the original
   research code (read the state, compute the direction, clone ``p``, ``p.sub_``; restore by
@@ -202,16 +205,18 @@ def check_equivalence(popt: PredictiveOptimizer, case: Case, steps: int) -> floa
     return worst
 
 
-VARIANTS = ["step", "wrapped_step", "predict", "restore", "loop"]
+VARIANTS = ["step", "wrapped_step", "calibrated_step", "predict", "restore", "loop"]
 
 
 def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case, steps: int,
               repeats: int, warmup: int, device: torch.device
               ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Round-robin timings (ms) and minor page faults of every variant, ``repeats`` each."""
+    calibrated = PredictiveOptimizer(opt, steps=steps, rule=case.rule)
     calls: dict[str, Callable[[], object]] = {
         "step": opt.step,
         "wrapped_step": popt.step,
+        "calibrated_step": calibrated.step,
         "predict": lambda: popt.predict_(steps),
         "restore": popt.restore_,
         "loop": lambda: loop_restore(case.loop(opt, steps)),
@@ -314,7 +319,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
     model = build_model(args.size, device)
     params = list(model.parameters())
     opt = case.make(params)
-    popt = PredictiveOptimizer(opt, steps=args.steps, rule=case.rule)
+    popt = PredictiveOptimizer(opt, steps=args.steps, rule=case.rule, calibrate=False)
     fill_grads(params)
     for _ in range(3):  # populate the state (and the observed average)
         popt.step()
@@ -390,17 +395,18 @@ def _fmt_ratio(x: float | None) -> str:
 def timing_table(results: list[dict]) -> str:
     adamw = next((r for r in results if r["case"] == "adamw"), None)
     adamw_step = adamw["median_ms"]["step"] if adamw else None
-    head = ("| case | step ms | wrapped step ms | predict_ ms | restore_ ms | predict+restore ms "
-            "| (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) "
+    head = ("| case | step ms | wrapped step ms | calibrated step ms | predict_ ms | restore_ ms "
+            "| predict+restore ms | (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) "
             "| page faults (k): step, p+r, loop |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         m, f = r["median_ms"], r["median_minor_faults"]
         pr = m["predict_restore"]
         faults = ", ".join(f"{x / 1e3:.0f}" for x in
                            (f["step"], f["predict"] + f["restore"], f["loop"]))
         lines.append(
-            f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} | {m['predict']:.1f} "
+            f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} "
+            f"| {m['calibrated_step']:.1f} | {m['predict']:.1f} "
             f"| {m['restore']:.1f} | {pr:.1f} | {pr / m['step']:.2f} "
             f"| {_fmt_ratio(pr / adamw_step if adamw_step else None)} | {m['loop']:.1f} "
             f"| {m['loop'] / pr:.2f} | {faults} |"

@@ -13,8 +13,10 @@ Public API:
 from .optimizer import PredictiveOptimizer
 from .prediction import coefficients, predict
 from .rules import (
+    AdafactorRule,
     AdamaxRule,
     AdamRule,
+    MuonRule,
     NAdamRule,
     ObservedUpdateRule,
     PredictionRule,
@@ -40,6 +42,8 @@ __all__ = [
     "NAdamRule",
     "RAdamRule",
     "RMSpropRule",
+    "MuonRule",
+    "AdafactorRule",
     "register_rule",
     "get_rule",
     "available_rules",

@@ -43,7 +43,7 @@ def digits_mlp_problem(seed: int = 0, hidden: int = 32
 def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer], *,
                     steps: Sequence[int] = (1, 2, 4), updates: int = 300, warmup: int = 20,
                     batch_size: int = 32, seed: int = 0, rule: str | None = None,
-                    calibrate: bool = False,
+                    calibrate: bool | None = False,
                     problem: Callable[[int], tuple[nn.Module, torch.Tensor, torch.Tensor]]
                     = digits_mlp_problem) -> dict[int, float]:
     """Train a small model with minibatch noise and measure $\\rho(s)$ for each horizon.
@@ -56,7 +56,10 @@ def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer
         batch_size: Minibatch size (small batches make the gradient noisy).
         seed: Seed of the model and of the batch order.
         rule: A rule name to force; default: the optimizer's own rule.
-        calibrate: Use calibrated prediction (`PredictiveOptimizer(calibrate=True)`).
+        calibrate: ``True``: calibrated prediction fitted for every horizon in ``steps``
+            (``calibration_horizons=steps``); ``None``: `PredictiveOptimizer`'s defaults
+            (calibrated, fitted for ``max(steps)``); ``False`` (the default here): the rule's
+            formulas alone.
         problem: ``seed -> (model, x, y)``.
 
     Returns:
@@ -64,8 +67,9 @@ def fidelity_ratios(make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer
     """
     model, x, y = problem(seed)
     params = list(model.parameters())
-    opt = PredictiveOptimizer(make_optimizer(params), steps=max(steps), rule=rule,
-                              calibrate=calibrate)
+    options = ({} if calibrate is None else
+               {"calibrate": calibrate, "calibration_horizons": tuple(steps)})
+    opt = PredictiveOptimizer(make_optimizer(params), steps=max(steps), rule=rule, **options)
     gen = torch.Generator().manual_seed(seed)
     flat = lambda ts: torch.cat([t.detach().reshape(-1).double() for t in ts])  # noqa: E731
     history: list[torch.Tensor] = []

@@ -318,8 +318,9 @@ def future_lrs(scheduler: Any, steps: int) -> list[list[float]]:
 
     The next update uses the current ``lr``; each later one the ``lr`` after one more
     ``scheduler.step()`` (the usual one scheduler step per optimizer update). Computed on a deep
-    copy of the scheduler whose optimizer is replaced by a stand-in holding copies of the
-    hyper-parameters, so neither the scheduler nor the optimizer changes. Schedulers that need a
+    copy of the scheduler whose optimizer is replaced by a stand-in holding deep copies of the
+    hyper-parameters (also of a Tensor ``lr``, which schedulers update in place with ``fill_``),
+    so neither the scheduler nor the optimizer changes. Schedulers that need a
     metric (``ReduceLROnPlateau``) cannot be looked ahead: the current ``lr`` is repeated.
 
     Returns:
@@ -337,7 +338,10 @@ def future_lrs(scheduler: Any, steps: int) -> list[list[float]]:
         return [[] for _ in current]
     if isinstance(scheduler, ReduceLROnPlateau):
         return [[lr] * steps for lr in current]
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # Deep copies of the hyper-parameters: a Tensor ``lr`` (or ``betas``) is ``fill_``-ed in place
+    # by the scheduler's ``step()``, so sharing it would change the real optimizer's lr.
+    groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
+              for g in optimizer.param_groups]
     proxy = _ProxyOptimizer(groups)
     memo: dict[int, Any] = {id(optimizer): proxy}
     inner = getattr(optimizer, "_predictopt_inner", None)

@@ -12,11 +12,23 @@ decoupled decay $\lambda$ (`coefficients`). `predict` returns new tensors and
 changes nothing; `predict_` writes the prediction into the parameters and returns the saved
 real values, which `restore_` copies back bit for bit (never "adding the step back":
 ``w - x + x != w`` in floating point).
+
+Memory: each (group, device, dtype) bucket is processed in chunks of at most
+``min(64 MiB, total / 16)`` parameter bytes (``total``: all predicted parameters; a tensor larger
+than that is a chunk of its own), so a rule's temporaries (Adam's denominators, RAdam's
+rectified directions) exist for one chunk at a time: the peak above the parameters is the saved
+copy plus one chunk's temporaries, instead of the saved copy plus the temporaries of every tensor.
+Within a chunk the foreach kernels still process many small tensors per call. Chunking changes no
+value: every kernel works tensor by tensor.
+
+Complex parameters are predicted through their real views (``torch.view_as_real``), with the
+state's complex tensors viewed the same way, as torch's optimizers compute their updates: the
+prediction of a complex parameter equals that of its real twin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,16 +36,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .rules import PredictionRule, Quotient, _check_steps, _value, get_rule
+from .rules import PredictionRule, Quotient, Scaled, _check_steps, _value, get_rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import PredictiveOptimizer
 
 __all__ = ["coefficients", "predict", "predict_", "restore_"]
 
-# One entry per (group, device, dtype) bucket: parameters, directions, a, C.
-Plan = list[tuple[list[Tensor], "list[Tensor] | Quotient", float, float]]
-
+#: Upper bound on the parameter bytes of one chunk (see the module docstring).
+CHUNK_BYTES = 64 * 2**20
+#: A chunk holds at most this fraction of all the predicted parameters' bytes.
+CHUNK_FRACTION = 16
 
 def coefficients(lrs: Sequence[float], decay: float = 0.0) -> tuple[float, float]:
     r"""The coefficients $(a, C)$ of $\hat w = a w - C D$ for the given future lrs.
@@ -71,36 +84,99 @@ def _unwrap(optimizer: Any, rule: Any) -> tuple[Optimizer, PredictionRule]:
     return optimizer, get_rule(rule, optimizer)
 
 
-def plan(optimizer: Optimizer, rule: PredictionRule, steps: int,
-         lrs: Sequence[Sequence[float]] | None = None, scales: Sequence[float] | None = None
-         ) -> Plan:
-    """The work of one prediction: per group and (device, dtype), params, directions, a and C.
+def _scaled(a: Any, c: Any, alpha: float) -> tuple[Any, Any]:
+    r"""$(a, C)$ of the calibrated prediction $w + \alpha(\hat w - w)$:
+    $(1 + \alpha(a-1),\ \alpha C)$ (elementwise for per-tensor lists)."""
+    if alpha == 1.0:
+        return a, c
+    if isinstance(a, list):
+        return [1.0 + alpha * (x - 1.0) for x in a], [alpha * x for x in c]
+    return 1.0 + alpha * (a - 1.0), alpha * c
 
-    Args:
-        optimizer: The bare optimizer whose state the rule reads.
-        rule: The rule.
-        steps: The horizon ``s``.
-        lrs: Per group, the ``s`` future learning rates (default: ``s`` times the current lr).
-        scales: Per group, a factor applied to ``C`` (calibrated prediction); default 1.
+
+def _real(t: Any) -> Any:
+    return torch.view_as_real(t) if isinstance(t, Tensor) and t.is_complex() else t
+
+
+def _real_state(st: dict) -> dict:
+    if not any(isinstance(v, Tensor) and v.is_complex() for v in st.values()):
+        return st
+    return {k: _real(v) for k, v in st.items()}
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _chunks(ps: list[Tensor], budget: int) -> Iterator[slice]:
+    start, size = 0, 0
+    for i, p in enumerate(ps):
+        b = _nbytes(p)
+        if i > start and size + b > budget:
+            yield slice(start, i)
+            start, size = i, 0
+        size += b
+    if start < len(ps):
+        yield slice(start, len(ps))
+
+
+def _work(optimizer: Optimizer, rule: PredictionRule, steps: int,
+          lrs: Sequence[Sequence[float]] | None = None, scales: Sequence[float] | None = None,
+          groups: set[int] | None = None
+          ) -> Iterator[tuple[int, list[Tensor], list[Tensor], Any, Any, Any]]:
+    """The work of one prediction, one chunk at a time (directions computed lazily, so that only
+    one chunk's temporaries are alive): ``(group index, params, targets, directions, a, C)``.
+
+    ``targets`` are the tensors the prediction is computed on: the parameters, or the real views
+    of complex ones. ``a`` and ``C`` are floats, or per-tensor lists for rules that override
+    `PredictionRule.tensor_coefficients`; ``scales`` (per group, calibration) scale the whole
+    displacement, $w + \\alpha(\\hat w - w)$.
     """
-    out: Plan = []
     if steps == 0:
-        return out
+        return
+    todo = []
     for gi, group in enumerate(optimizer.param_groups):
-        params = group["params"]
-        group_lrs = lrs[gi] if lrs is not None else [_value(group["lr"])] * steps
+        if groups is not None and gi not in groups:
+            continue
+        group_lrs = list(lrs[gi]) if lrs is not None else [_value(group["lr"])] * steps
         a, c = coefficients(group_lrs, rule.decoupled_decay(group))
-        if scales is not None:
-            c *= scales[gi]
         if c == 0.0 and a == 1.0:
             continue
-        grouped = _group_tensors_by_device_and_dtype([params])
+        todo.append((gi, group, group_lrs, a, c))
+    total = sum(_nbytes(p) for _, g, *_ in todo for p in g["params"])
+    budget = max(1, min(CHUNK_BYTES, total // CHUNK_FRACTION))
+    for gi, group, group_lrs, a, c in todo:
+        alpha = 1.0 if scales is None else float(scales[gi])
+        grouped = _group_tensors_by_device_and_dtype([group["params"]])
         for (_device, _dtype), ((ps,), _idx) in grouped.items():
-            states = [optimizer.state.get(p, {}) for p in ps]
-            ps_d, ds = rule.directions(group, ps, states)
-            if ps_d:
-                out.append((ps_d, ds, a, c))
-    return out
+            targets = [_real(p) for p in ps]
+            pieces = _chunks(targets, budget) if rule.per_tensor else [slice(0, len(ps))]
+            for piece in pieces:
+                chunk_ps, chunk_targets = ps[piece], targets[piece]
+                states = [_real_state(optimizer.state.get(p, {})) for p in chunk_ps]
+                ts, ds = rule.directions(group, chunk_targets, states)
+                if not ts:
+                    continue
+                index = {id(t): i for i, t in enumerate(chunk_targets)}
+                picked = [index[id(t)] for t in ts]
+                originals = [chunk_ps[i] for i in picked]
+                coef = rule.tensor_coefficients(group, ts, _tensors(ds),
+                                                [states[i] for i in picked], group_lrs)
+                ta, tc = _scaled(*((a, c) if coef is None else coef), alpha)
+                if _is_identity(ta, tc):
+                    continue
+                yield gi, originals, list(ts), ds, ta, tc
+                del ts, ds  # free this chunk's temporaries before computing the next chunk's
+
+
+def _is_identity(a: Any, c: Any) -> bool:
+    if isinstance(a, list):
+        return all(x == 1.0 for x in a) and all(x == 0.0 for x in c)
+    return a == 1.0 and c == 0.0
+
+
+def _tensors(ds: Any) -> Any:
+    return ds.tensors if isinstance(ds, Scaled) else ds
 
 
 @torch.no_grad()
@@ -111,7 +187,7 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
 
     Args:
         optimizer: A bare ``torch.optim.Optimizer`` or a `PredictiveOptimizer` (whose
-            rule is then used unless ``rule`` is given).
+            rule, scheduler and calibration are then used unless ``rule`` is given).
         steps: The horizon ``s >= 0``.
         rule: A rule name or object; default: the wrapper's rule, else the optimizer's default.
         lrs: Per parameter group, the ``s`` future learning rates (schedule-aware prediction).
@@ -130,23 +206,35 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     result: dict[Tensor, Tensor] = {
         p: p.detach() for g in inner.param_groups for p in g["params"]
     }
-    scales = getattr(optimizer, "_calibration_scales", lambda: None)()
-    for ps, ds, a, c in plan(inner, rule_obj, steps, lrs, scales):
-        out = _copy(ps)
+    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
+        out = _copy(targets)
         _apply_(out, ds, a, c)
-        result.update(zip(ps, out))
+        result.update((p, torch.view_as_complex(o) if p.is_complex() else o)
+                      for p, o in zip(ps, out))
+        del ds
     return result
 
 
-def _apply_(targets: list[Tensor], ds: list[Tensor] | Quotient, a: float, c: float) -> None:
+def _apply_(targets: list[Tensor], ds: Any, a: Any, c: Any) -> None:
     # The one place the prediction is computed, in place on ``targets`` (the parameters, or an
     # exact copy of them for predict()), so predict() and predict_() agree bit for bit: torch's
     # in-place and out-of-place foreach kernels round differently in low precision.
-    if a != 1.0:
+    if isinstance(a, list):
+        if any(x != 1.0 for x in a):
+            torch._foreach_mul_(targets, a)
+    elif a != 1.0:
         torch._foreach_mul_(targets, a)
+    cs = c if isinstance(c, list) else None
     if isinstance(ds, Quotient):
-        torch._foreach_addcdiv_(targets, ds.numerators, ds.denominators,
-                                [-c / q for q in ds.divisors])
+        values = ([-x / q for x, q in zip(cs, ds.divisors)] if cs is not None
+                  else [-c / q for q in ds.divisors])
+        torch._foreach_addcdiv_(targets, ds.numerators, ds.denominators, values)
+    elif isinstance(ds, Scaled) or cs is not None:
+        tensors = _tensors(ds)
+        ks = ds.scales if isinstance(ds, Scaled) else [1.0] * len(tensors)
+        for t, d, k, ci in zip(targets, tensors, ks, cs if cs is not None else [c] * len(ks)):
+            t.add_(d, alpha=-(ci * k))
     else:
         torch._foreach_add_(targets, ds, alpha=-c)
 
@@ -159,19 +247,42 @@ def _copy(ps: list[Tensor]) -> list[Tensor]:
 def predict_(optimizer: Optimizer, rule: PredictionRule, steps: int,
              lrs: Sequence[Sequence[float]] | None = None,
              scales: Sequence[float] | None = None) -> list[tuple[list[Tensor], list[Tensor]]]:
-    """Write the prediction into the parameters in place; return ``(params, saved)`` pairs.
+    """Write the prediction into the parameters in place; return ``(targets, saved)`` pairs.
 
     Holds one copy of the predicted parameters (the saved real values) until `restore_`;
-    while computing, a rule may hold one more (Adam's denominators), freed on return.
+    while computing, one chunk's temporaries (see the module docstring), freed chunk by chunk.
     The in-place writes bump the parameters' version counters, so an autograd graph built on
     the predicted weights cannot silently be back-propagated after the restore.
     """
     saved = []
-    for ps, ds, a, c in plan(optimizer, rule, steps, lrs, scales):
-        real = _copy(ps)
-        _apply_(ps, ds, a, c)
-        saved.append((ps, real))
+    for _gi, _ps, targets, ds, a, c in _work(optimizer, rule, steps, lrs, scales):
+        real = _copy(targets)
+        _apply_(targets, ds, a, c)
+        saved.append((targets, real))
+        del ds
     return saved
+
+
+@torch.no_grad()
+def displacements(optimizer: Optimizer, rule: PredictionRule, steps: int,
+                  lrs: Sequence[Sequence[float]] | None = None, groups: set[int] | None = None
+                  ) -> dict[int, tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+    r"""The uncalibrated displacement $P = \hat w(s) - w$ of every predicted parameter, per
+    group index (only those in ``groups`` if given): ``{group: (params, targets, P)}``
+    (``targets``: the parameters or, for complex ones, their real views, on which $P$ is
+    expressed). Changes nothing; the temporaries are those of one chunk at a time, the result
+    one copy of the predicted parameters."""
+    out: dict[int, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for gi, ps, targets, ds, a, c in _work(optimizer, rule, steps, lrs, groups=groups):
+        disp = _copy(targets)
+        _apply_(disp, ds, a, c)
+        torch._foreach_sub_(disp, targets)
+        del ds
+        pp, ts, dd = out.setdefault(gi, ([], [], []))
+        pp.extend(ps)
+        ts.extend(targets)
+        dd.extend(disp)
+    return out
 
 
 @torch.no_grad()

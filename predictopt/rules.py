@@ -49,11 +49,14 @@ __all__ = [
     "RAdamRule",
     "RMSpropRule",
     "ScheduleFreeRule",
+    "MuonRule",
+    "AdafactorRule",
     "register_rule",
     "get_rule",
     "available_rules",
     "OBSERVED_KEY",
     "Quotient",
+    "Scaled",
 ]
 
 #: Key of the per-parameter optimizer state in which `ObservedUpdateRule` keeps its
@@ -70,7 +73,15 @@ class Quotient(NamedTuple):
     divisors: list[float]
 
 
-Directions = tuple[list[Tensor], "list[Tensor] | Quotient"]
+class Scaled(NamedTuple):
+    r"""A direction with a per-tensor factor: $D_i = k_i\,t_i$, applied as
+    ``p.add_(t_i, alpha=-C k_i)`` (e.g. Muon's shape-dependent lr adjustment)."""
+
+    tensors: list[Tensor]
+    scales: list[float]
+
+
+Directions = tuple[list[Tensor], "list[Tensor] | Quotient | Scaled"]
 
 
 def _value(x: Any) -> float:
@@ -90,6 +101,11 @@ class PredictionRule:
     """
 
     name: str = "base"
+    #: Whether a tensor's direction depends only on that tensor and its own state, so that the
+    #: engine may call `directions` on any subset of a group (it does, in chunks of bounded
+    #: bytes, to bound the temporaries of a prediction). Set it to ``False`` in a rule that
+    #: couples the tensors of a group (e.g. through a global norm).
+    per_tensor: bool = True
 
     def directions(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict]
@@ -111,6 +127,25 @@ class PredictionRule:
         r"""The decoupled weight-decay coefficient $\lambda$ of the group (0 if none)."""
         return 0.0
 
+    def tensor_coefficients(
+        self, group: dict[str, Any], params: list[Tensor], directions: Any,
+        states: list[dict], lrs: Sequence[float],
+    ) -> tuple[list[float], list[float]] | None:
+        r"""Per-tensor coefficients $(a_i, C_i)$ of $\hat w_i = a_i w_i - C_i D_i$, or ``None``.
+
+        ``None`` (the default) lets the engine use the group's $(a, C)$ from the future learning
+        rates ``lrs`` and `decoupled_decay` (`predictopt.coefficients`). A rule whose step size
+        is not proportional to the learning rate (Adafactor's relative step) overrides it.
+
+        Args:
+            group: The parameter group.
+            params: The parameters `directions` returned (same order as ``directions``).
+            directions: The directions `directions` returned for them.
+            states: Their optimizer states.
+            lrs: The learning rates of the ``s`` predicted updates.
+        """
+        return None
+
     def observes(self, group: dict[str, Any]) -> bool:
         """Whether this rule needs the wrapper to record the real updates of this group."""
         return False
@@ -119,6 +154,11 @@ class PredictionRule:
         """Whether an observing rule records this group's update from ``.grad`` alone, before
         ``step()`` (`record_gradients`), instead of from a weight snapshot (`record`)."""
         return False
+
+    def needs_snapshot(self, group: dict[str, Any]) -> bool:
+        """Whether `record` needs the weights from before the step (``before``); if not, the
+        wrapper takes no snapshot and passes ``before=None``."""
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -450,6 +490,164 @@ class RMSpropRule(ObservedUpdateRule):
         return ps, ds
 
 
+_DOT_BLOCK = 1 << 20
+
+
+def _dot64(x: Tensor, y: Tensor | None = None) -> Tensor:
+    r"""$\langle x, y\rangle$ (or $\lVert x\rVert^2$) summed in float64, as a 0-dim tensor on
+    ``x``'s device, in blocks (bounded temporaries).
+
+    The products are rounded in the tensors' dtype (relative error $\epsilon$ each, of random
+    sign), the sum is exact to float64: the error is at most about
+    $\epsilon \max_i |y_i|\,\lVert x\rVert$, where float32 or float64 accumulation (``torch.dot``)
+    would add $n\epsilon$ of cancellation. Used by calibration, whose gain error then moves a
+    prediction by at most about one ulp of the weights."""
+    xf = x.reshape(-1)
+    yf = xf if y is None else y.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, xf.numel(), _DOT_BLOCK):
+        total += (xf[i:i + _DOT_BLOCK] * yf[i:i + _DOT_BLOCK]).sum(dtype=torch.float64)
+    return total
+
+
+class MuonRule(PredictionRule):
+    r"""Muon (``torch.optim.Muon``): the orthogonalised momentum, $D = r\,\mathrm{NS}(b_t)$.
+
+    torch's Muon updates a matrix parameter of shape $A \times B$ as
+
+    $$
+    b \leftarrow \mu b + (1-\mu) g,\qquad
+    X = \begin{cases}(1-\mu) g + \mu b & \text{nesterov}\\ b & \text{else}\end{cases},\qquad
+    w \leftarrow (1-\eta\lambda)\,w - \eta\,r\,\mathrm{NS}_k(X),
+    $$
+
+    where $\mathrm{NS}_k$ is its Newton-Schulz orthogonalisation (``ns_steps`` quintic iterations
+    with ``ns_coefficients`` and ``eps``, in bfloat16, on $X/\lVert X\rVert_F$) and $r$ the
+    learning-rate adjustment of ``adjust_lr_fn`` ($\sqrt{\max(1, A/B)}$ for ``None`` and
+    ``"original"``, $0.2\sqrt{\max(A, B)}$ for ``"match_rms_adamw"``). With the next gradient
+    estimated by the momentum $b_t$ (an average of the gradients), the next buffer is
+    $\mu b_t + (1-\mu) b_t = b_t$ and so is the next input $X$, with or without ``nesterov``;
+    NS sees only the direction of its input, so the missing bias correction (Muon keeps no step
+    count) does not matter. The rule calls torch's own NS and lr adjustment. The weight decay is
+    decoupled (applied with the unadjusted lr) and enters through `decoupled_decay`, exactly.
+
+    Not exact under a constant gradient $g$: the real input $X$ is $c\,g$ with a step-dependent
+    $c > 0$ while $b_t = (1-\mu^t) g$, and NS rounds its scaled input to bfloat16, so prediction
+    and real update agree to bfloat16 precision of the update, not to the parameter's ulps.
+    With ``momentum=0`` the buffer is the last gradient, the very input of the next update, and
+    the prediction is exact under a constant gradient.
+    """
+
+    name = "muon"
+
+    def decoupled_decay(self, group):
+        return _value(group.get("weight_decay", 0.0))
+
+    def directions(self, group, params, states):
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        ps, bufs = state_tensors(params, states, "momentum_buffer")
+        if not ps:
+            return ps, []
+        coeffs = tuple(group["ns_coefficients"])
+        steps, eps, adjust = group["ns_steps"], _value(group["eps"]), group.get("adjust_lr_fn")
+        # NS normalises its bfloat16 copy in place; a bfloat16 buffer would be that copy
+        outs = [_zeropower_via_newtonschulz(b.clone() if b.dtype == torch.bfloat16 else b,
+                                            coeffs, steps, eps) for b in bufs]
+        return ps, Scaled(outs, [_adjust_lr(1.0, adjust, p.shape) for p in ps])
+
+
+class AdafactorRule(ObservedUpdateRule):
+    r"""Adafactor (``torch.optim.Adafactor``): the next update from its factored second moment,
+    with the gradient estimated by an average of the gradients.
+
+    torch's Adafactor applies at step $T$ (``step`` after the increment)
+
+    $$
+    w \leftarrow (1-\eta\lambda)\,w - \frac{\alpha_T}{\delta}\,U,\qquad
+    U = \frac{g}{\sqrt{\max(\hat V, \epsilon_1^2)}},\qquad
+    \alpha_T = \max\big(\epsilon_2, \mathrm{RMS}(w)\big)\,\min(\eta, T^{-1/2}),\qquad
+    \delta = \max\big(1, \mathrm{RMS}(U)/d\big),
+    $$
+
+    with $\hat V = R C / \mathrm{mean}(R)$ from the row and column factors ``row_var``,
+    ``col_var`` of a matrix (``variance`` for a vector), $\mathrm{RMS}(w)$ taken before the
+    decay. Its state keeps no gradient (only its factored magnitude), so the rule records, like
+    `ObservedUpdateRule`, an average $\bar g$ of the gradients seen at ``step()`` (negated under
+    ``maximize``; key ``predictopt_direction``) and predicts with $g \approx \bar g$ and
+    $\hat V \approx \hat V_t$. Then $U$ and $\delta$ are the same for every predicted update and
+    the weights stay of the form $w_j = a_j w - C_j U$, so the relative step $\alpha$ of each
+    predicted update is computed exactly from $\lVert w\rVert^2$, $\langle w, U\rangle$ and
+    $\lVert U\rVert^2$ (`tensor_coefficients`): $a_j = (1-\eta_j\lambda) a_{j-1}$,
+    $C_j = (1-\eta_j\lambda) C_{j-1} + \alpha_{t+j}/\delta$. Under a constant gradient
+    $\bar g = g$ and $\hat V$ stay exactly constant, so the prediction equals the real weights
+    ``s`` steps later up to rounding. Costs one stored gradient average per parameter (Adafactor
+    itself keeps only the factors).
+    """
+
+    name = "adafactor"
+
+    def observes(self, group):
+        return True
+
+    def needs_snapshot(self, group):
+        return False
+
+    def decoupled_decay(self, group):
+        return _value(group.get("weight_decay", 0.0))
+
+    @torch.no_grad()
+    def record(self, group, params, states, before):
+        """Fold the gradients just applied (negated under ``maximize``), read from ``.grad``
+        after the step (Adafactor initialises a state only while it is empty, so nothing may be
+        written there before its first step); ``before`` is not used."""
+        grads = [p.grad for p in params]
+        if group.get("maximize", False):
+            self._fold(states, torch._foreach_neg(grads), owned=True)
+        else:
+            self._fold(states, grads, owned=False)
+
+    def directions(self, group, params, states):
+        eps1, _ = group["eps"]
+        ps, us = [], []
+        for p, st in zip(params, states):
+            g = st.get(OBSERVED_KEY)
+            if g is None or "step" not in st or p.numel() == 0:
+                continue
+            e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+            if p.dim() > 1:  # the order of torch's own computation
+                var = st["row_var"] @ st["col_var"]
+                var.div_(st["row_var"].mean(dim=-2, keepdim=True).clamp_(min=e1))
+            else:
+                var = st["variance"].clone()
+            u = var.clamp_(min=e1 * e1).rsqrt_()
+            u.mul_(g)
+            ps.append(p)
+            us.append(u)
+        return ps, us
+
+    def tensor_coefficients(self, group, params, directions, states, lrs):
+        wd = _value(group.get("weight_decay", 0.0))
+        eps2, d = _value(group["eps"][1]), _value(group["d"])
+        out_a, out_c = [], []
+        for p, u, st in zip(params, directions, states):
+            t, n = _value(st["step"]), p.numel()
+            delta = max(1.0, u.norm(2).item() / ((n**0.5) * d))
+            ww, wu, uu = (float(x) for x in (_dot64(p), _dot64(p, u), _dot64(u)))
+            a, c = 1.0, 0.0
+            for j, lr in enumerate(lrs, start=1):
+                if j == 1:  # torch's own figure for the next update
+                    rms = p.norm(2).item() / (n**0.5)
+                else:  # RMS of the predicted w_{j-1} = a w - c u
+                    rms = math.sqrt(max(a * a * ww - 2 * a * c * wu + c * c * uu, 0.0) / n)
+                alpha = max(eps2, rms) * min(lr, 1 / ((t + j) ** 0.5))
+                f = 1.0 - lr * wd
+                a, c = a * f, c * f + alpha / delta
+            out_a.append(a)
+            out_c.append(c)
+        return out_a, out_c
+
+
 class ScheduleFreeRule(ObservedUpdateRule):
     r"""Schedule-Free optimizers (``schedulefree`` package): predict the training point $y$.
 
@@ -573,6 +771,9 @@ def _register_builtins() -> None:
     register_rule("nadam", NAdamRule(), optimizers=[optim.NAdam])
     register_rule("radam", RAdamRule(), optimizers=[optim.RAdam])
     register_rule("rmsprop", RMSpropRule(), optimizers=[optim.RMSprop])
+    register_rule("muon", MuonRule(), optimizers=[optim.Muon] if hasattr(optim, "Muon") else [])
+    register_rule("adafactor", AdafactorRule(),
+                  optimizers=[optim.Adafactor] if hasattr(optim, "Adafactor") else [])
     try:  # optional dependency
         import schedulefree
     except ImportError:  # pragma: no cover - depends on the environment

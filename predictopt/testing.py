@@ -96,11 +96,11 @@ def _assert_equal_states(a: list[dict], b: list[dict], what: str) -> None:
 
 
 def check_restore_exact(make_optimizer: OptimizerFactory, params: list[Tensor], *,
-                        steps: int = 2, updates: int = 3, rule: str | PredictionRule | None = None
-                        ) -> None:
+                        steps: int = 2, updates: int = 3, rule: str | PredictionRule | None = None,
+                        calibrate: bool = True) -> None:
     """After ``predict_``/``restore_`` (and after a ``predicted()`` block that raised) the
     parameters are bit-for-bit the real ones, and gradients computed inside are kept."""
-    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule, calibrate=calibrate)
     run_updates(opt, params, updates)
     real = _clone(params)
     opt.predict_()
@@ -123,10 +123,11 @@ def check_restore_exact(make_optimizer: OptimizerFactory, params: list[Tensor], 
 
 
 def check_steps_zero_identity(make_optimizer: OptimizerFactory, params: list[Tensor], *,
-                              updates: int = 5, rule: str | PredictionRule | None = None) -> None:
+                              updates: int = 5, rule: str | PredictionRule | None = None,
+                              calibrate: bool = True) -> None:
     """A wrapper with ``steps=0`` follows the bare optimizer bit for bit (weights and state)."""
     twin = [p.detach().clone().requires_grad_() for p in params]
-    wrapped = PredictiveOptimizer(make_optimizer(params), steps=0, rule=rule)
+    wrapped = PredictiveOptimizer(make_optimizer(params), steps=0, rule=rule, calibrate=calibrate)
     bare = make_optimizer(twin)
     gen = torch.Generator().manual_seed(7)
     for _ in range(updates):
@@ -144,10 +145,11 @@ def check_steps_zero_identity(make_optimizer: OptimizerFactory, params: list[Ten
 
 def check_predict_is_pure(make_optimizer: OptimizerFactory, params: list[Tensor], *,
                           steps: int = 3, updates: int = 3,
-                          rule: str | PredictionRule | None = None) -> None:
+                          rule: str | PredictionRule | None = None,
+                          calibrate: bool = True) -> None:
     """``predict()`` and a ``predicted()`` round trip change neither weights nor optimizer state,
     and ``predict()`` agrees bit for bit with the in-place prediction."""
-    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule, calibrate=calibrate)
     run_updates(opt, params, updates)
     real, state = _clone(params), _state_snapshot(opt)
     out = predict(opt, steps)
@@ -161,10 +163,11 @@ def check_predict_is_pure(make_optimizer: OptimizerFactory, params: list[Tensor]
 
 
 def check_after_zero_grad(make_optimizer: OptimizerFactory, params: list[Tensor], *,
-                          steps: int = 2, rule: str | PredictionRule | None = None) -> None:
+                          steps: int = 2, rule: str | PredictionRule | None = None,
+                          calibrate: bool = True) -> None:
     """Prediction reads state, not ``.grad``: it is the same before and after
     ``zero_grad(set_to_none=True)``."""
-    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule, calibrate=calibrate)
     run_updates(opt, params, 3)
     before = predict(opt, steps)
     opt.zero_grad(set_to_none=True)
@@ -175,12 +178,14 @@ def check_after_zero_grad(make_optimizer: OptimizerFactory, params: list[Tensor]
 
 def check_constant_gradient_exact(make_optimizer: OptimizerFactory, params: list[Tensor], *,
                                   steps: int = 3, warmup: int = 2, ulps: float = 16.0,
-                                  rule: str | PredictionRule | None = None) -> None:
+                                  rule: str | PredictionRule | None = None,
+                                  calibrate: bool = True) -> None:
     """Under a constant gradient the prediction equals the weights ``steps`` updates later, up to
-    rounding: at most ``ulps * (steps + 1)`` units of the dtype's epsilon times the magnitude."""
+    rounding: at most ``ulps * (steps + 1)`` units of the dtype's epsilon times the magnitude
+    (calibrated or not: with an exact rule the fitted gain is 1 up to rounding)."""
     gen = torch.Generator().manual_seed(3)
     gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
-    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=steps, rule=rule, calibrate=calibrate)
     const = lambda t, p: gs[next(i for i, q in enumerate(params) if q is p)]  # noqa: E731
     run_updates(opt, params, warmup, grad=const)
     pred = predict(opt, steps)
@@ -199,25 +204,30 @@ def check_rule(make_optimizer: OptimizerFactory, *, rule: str | PredictionRule |
                shapes: Sequence[tuple[int, ...]] = ((3, 4), (5,), (2, 2, 2)),
                dtype: torch.dtype = torch.float32, steps: int = 2,
                constant_gradient: bool = False, seed: int = 0) -> None:
-    """Run every property check on fresh parameters (see the module docstring)."""
+    """Run every property check on fresh parameters (see the module docstring), on the
+    uncalibrated rule (the formulas themselves) and, where it can differ, calibrated."""
     checks: list[Callable[..., None]] = [check_restore_exact, check_predict_is_pure,
                                          check_after_zero_grad]
-    for check in checks:
-        check(make_optimizer, make_params(shapes, dtype, seed), steps=steps, rule=rule)
+    for calibrate in (False, True):
+        for check in checks:
+            check(make_optimizer, make_params(shapes, dtype, seed), steps=steps, rule=rule,
+                  calibrate=calibrate)
+        if dtype != torch.bfloat16:
+            check_direction(make_optimizer, make_params(shapes, dtype, seed), rule=rule,
+                            calibrate=calibrate)
+        if constant_gradient:
+            check_constant_gradient_exact(make_optimizer, make_params(shapes, dtype, seed),
+                                          steps=steps, rule=rule, calibrate=calibrate)
     check_steps_zero_identity(make_optimizer, make_params(shapes, dtype, seed), rule=rule)
-    if dtype != torch.bfloat16:
-        check_direction(make_optimizer, make_params(shapes, dtype, seed), rule=rule)
-    if constant_gradient:
-        check_constant_gradient_exact(make_optimizer, make_params(shapes, dtype, seed),
-                                      steps=steps, rule=rule)
 
 
 # --------------------------------------------------------------------------- strategies
-def shapes(max_tensors: int = 4, max_dims: int = 3, max_side: int = 5) -> Any:
-    """Hypothesis strategy: a list of tensor shapes (scalars included)."""
+def shapes(max_tensors: int = 4, max_dims: int = 3, max_side: int = 5, min_dims: int = 0) -> Any:
+    """Hypothesis strategy: a list of tensor shapes with ``min_dims..max_dims`` dimensions
+    (scalars included by default; ``min_dims=max_dims=2`` for matrix-only optimizers)."""
     from hypothesis import strategies as st
 
-    shape = st.lists(st.integers(1, max_side), min_size=0, max_size=max_dims).map(tuple)
+    shape = st.lists(st.integers(1, max_side), min_size=min_dims, max_size=max_dims).map(tuple)
     return st.lists(shape, min_size=1, max_size=max_tensors)
 
 
@@ -244,14 +254,15 @@ def horizons(max_steps: int = 8) -> Any:
 
 
 def check_direction(make_optimizer: OptimizerFactory, params: list[Tensor], *,
-                    warmup: int = 5, rule: str | PredictionRule | None = None) -> None:
+                    warmup: int = 5, rule: str | PredictionRule | None = None,
+                    calibrate: bool = True) -> None:
     """Under a constant gradient, the one-step prediction moves the weights the way the next real
     update does: positive inner product of predicted and actual displacement, for every tensor.
     Catches sign errors (e.g. ``maximize``) that the exactness checks cannot see for rules that
     are not exact."""
     gen = torch.Generator().manual_seed(11)
     gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
-    opt = PredictiveOptimizer(make_optimizer(params), steps=1, rule=rule)
+    opt = PredictiveOptimizer(make_optimizer(params), steps=1, rule=rule, calibrate=calibrate)
     const = lambda t, p: gs[next(i for i, q in enumerate(params) if q is p)]  # noqa: E731
     run_updates(opt, params, warmup, grad=const)
     before = _clone(params)

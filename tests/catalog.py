@@ -1,4 +1,12 @@
-"""Every optimizer configuration the shared suite runs (optax ``_common_test`` style)."""
+"""Every optimizer configuration the shared suite runs (optax ``_common_test`` style).
+
+The second field says whether the prediction is exact under a constant gradient (up to rounding,
+``testing.check_constant_gradient_exact``): plain SGD, Adam and AdamW (also AMSGrad and
+``maximize``), Adamax, Adafactor and Muon without momentum are; momentum SGD, NAdam, RAdam (exact
+for one step only), RMSprop, Adagrad, Adadelta, Rprop, ASGD are not (their update still drifts),
+nor is Muon with momentum (its Newton-Schulz iteration rounds a differently scaled input in
+bfloat16: see ``tests/test_robustness_core.py`` for the bound that holds).
+"""
 
 from __future__ import annotations
 
@@ -40,4 +48,16 @@ OPTIMIZERS = {
     "adadelta": (lambda p, lr: O.Adadelta(p, lr=lr), False),
     "rprop": (lambda p, lr: O.Rprop(p, lr=lr), False),
     "asgd": (lambda p, lr: O.ASGD(p, lr=lr), False),
+    "muon": (lambda p, lr: O.Muon(p, lr=lr), False),
+    "muon-plain": (lambda p, lr: O.Muon(p, lr=lr, nesterov=False, weight_decay=0.0,
+                                        adjust_lr_fn="match_rms_adamw"), False),
+    "muon-sgd": (lambda p, lr: O.Muon(p, lr=lr, momentum=0.0), True),
+    "adafactor": (lambda p, lr: O.Adafactor(p, lr=lr), True),
+    "adafactor-wd": (lambda p, lr: O.Adafactor(p, lr=lr, weight_decay=0.1), True),
+    "adafactor-maximize": (lambda p, lr: O.Adafactor(p, lr=lr, maximize=True, d=2.0), True),
+    "adafactor-foreach": (lambda p, lr: O.Adafactor(p, lr=lr, foreach=True, eps=(1e-6, 1e-3)),
+                          True),
 }
+
+#: Optimizers that accept matrices only (the suite draws 2-D shapes for them).
+MATRIX_ONLY = {"muon", "muon-plain", "muon-sgd"}

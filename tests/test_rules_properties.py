@@ -11,42 +11,57 @@ from hypothesis import strategies as st
 
 from predictopt import testing
 from tests._hyp import props
-from tests.catalog import OPTIMIZERS
+from tests.catalog import MATRIX_ONLY, OPTIMIZERS
 
 warnings.filterwarnings("ignore", message="predictopt has no prediction rule")
 
 PROPS = props(6)
 
 
+def shapes_for(name):
+    """The shapes strategy for an optimizer of the catalogue (matrices only for Muon)."""
+    if name in MATRIX_ONLY:
+        return testing.shapes(min_dims=2, max_dims=2)
+    return testing.shapes()
+
+
+def _shapes(draw, name):
+    return draw(shapes_for(name))
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @PROPS
-@given(shapes=testing.shapes(), dtype=testing.dtypes(), lr=testing.learning_rates(),
-       steps=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_restore_and_purity(name, shapes, dtype, lr, steps, seed):
+@given(data=st.data(), dtype=testing.dtypes(), lr=testing.learning_rates(),
+       steps=st.integers(1, 6), seed=st.integers(0, 2**16), calibrate=st.booleans())
+def test_restore_and_purity(name, data, dtype, lr, steps, seed, calibrate):
     factory, _ = OPTIMIZERS[name]
+    shapes = _shapes(data.draw, name)
     make = lambda ps: factory(ps, lr)  # noqa: E731
-    testing.check_restore_exact(make, testing.make_params(shapes, dtype, seed), steps=steps)
-    testing.check_predict_is_pure(make, testing.make_params(shapes, dtype, seed), steps=steps)
-    testing.check_after_zero_grad(make, testing.make_params(shapes, dtype, seed), steps=steps)
+    kw = {"steps": steps, "calibrate": calibrate}
+    testing.check_restore_exact(make, testing.make_params(shapes, dtype, seed), **kw)
+    testing.check_predict_is_pure(make, testing.make_params(shapes, dtype, seed), **kw)
+    testing.check_after_zero_grad(make, testing.make_params(shapes, dtype, seed), **kw)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @PROPS
-@given(shapes=testing.shapes(), dtype=testing.dtypes(), lr=testing.learning_rates(),
+@given(data=st.data(), dtype=testing.dtypes(), lr=testing.learning_rates(),
        seed=st.integers(0, 2**16))
-def test_steps_zero_is_the_bare_optimizer(name, shapes, dtype, lr, seed):
+def test_steps_zero_is_the_bare_optimizer(name, data, dtype, lr, seed):
     factory, _ = OPTIMIZERS[name]
     testing.check_steps_zero_identity(lambda ps: factory(ps, lr),
-                                      testing.make_params(shapes, dtype, seed))
+                                      testing.make_params(_shapes(data.draw, name), dtype, seed))
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @PROPS
-@given(shapes=testing.shapes(), lr=testing.learning_rates(1e-4, 1e-2), seed=st.integers(0, 2**16))
-def test_prediction_points_the_way_of_the_next_update(name, shapes, lr, seed):
+@given(data=st.data(), lr=testing.learning_rates(1e-4, 1e-2), seed=st.integers(0, 2**16),
+       calibrate=st.booleans())
+def test_prediction_points_the_way_of_the_next_update(name, data, lr, seed, calibrate):
     factory, _ = OPTIMIZERS[name]
     testing.check_direction(lambda ps: factory(ps, lr),
-                            testing.make_params(shapes, torch.float64, seed))
+                            testing.make_params(_shapes(data.draw, name), torch.float64, seed),
+                            calibrate=calibrate)
 
 
 EXACT = sorted(n for n, (_, exact) in OPTIMIZERS.items() if exact)
@@ -54,14 +69,23 @@ EXACT = sorted(n for n, (_, exact) in OPTIMIZERS.items() if exact)
 
 @pytest.mark.parametrize("name", EXACT)
 @PROPS
-@given(shapes=testing.shapes(), dtype=st.sampled_from([torch.float32, torch.float64]),
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]),
        lr=testing.learning_rates(), steps=st.integers(1, 8), warmup=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
-def test_constant_gradient_is_exact(name, shapes, dtype, lr, steps, warmup, seed):
+       seed=st.integers(0, 2**16), calibrate=st.booleans())
+def test_constant_gradient_is_exact(name, data, dtype, lr, steps, warmup, seed, calibrate):
     factory, _ = OPTIMIZERS[name]
     testing.check_constant_gradient_exact(lambda ps: factory(ps, lr),
-                                          testing.make_params(shapes, dtype, seed),
-                                          steps=steps, warmup=warmup)
+                                          testing.make_params(_shapes(data.draw, name), dtype,
+                                                              seed),
+                                          steps=steps, warmup=warmup, calibrate=calibrate)
+
+
+def test_exactness_claims_of_the_catalogue():
+    """The optimizers stated exact under a constant gradient (``tests/catalog.py``)."""
+    assert EXACT == sorted(["sgd", "sgd-plain-maximize", "adam", "adam-amsgrad", "adam-maximize",
+                            "adamw", "adamw-amsgrad", "adamax", "adamax-maximize", "adafactor",
+                            "adafactor-wd", "adafactor-maximize", "adafactor-foreach",
+                            "muon-sgd"])
 
 
 @pytest.mark.parametrize("name", ["radam", "radam-decoupled", "nadam", "nadam-decoupled",
