@@ -160,7 +160,8 @@ class PipelineRun:
             if changed:
                 for gp, gs in zip(self.optimizers[first].param_groups,
                                   self.optimizers[k].param_groups):
-                    gs.update({key: v for key, v in gp.items() if key != "params"})
+                    gs.update({key: v for key, v in gp.items()  # not predictopt's own stats
+                               if key != "params" and not key.startswith("predictopt_")})
 
     # ------------------------------------------------------------------ checks
     def _check_batch(self, xs: tuple[Tensor, ...]) -> int:

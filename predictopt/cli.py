@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "num_ranks = K, or K/2 for 2-stages-per-rank schedules")
     c.add_argument("--schedule", type=_schedule, default=d["schedule"],
                    help="torch pipeline schedule (default: %(default)s)")
-    c.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"],
+    c.add_argument("--optimizer", choices=tuple(dict.fromkeys(OPTIMIZERS + ("muon",))),
+                   default=d["optimizer"],
                    help="per-stage optimizer (default: %(default)s)")
     c.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: per optimizer, "
@@ -443,24 +444,20 @@ def _run_compare_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                        microbatch_size=args.microbatch_size or _LM_DEFAULTS["microbatch_size"],
                        context=args.context, dim=args.dim, steps=args.steps,
                        horizon=args.horizon, eval_every=args.eval_every, corpus=args.corpus)
-        from .pipeline import PipelineSimulator, get_method
-        from .study import corpus_of, make_lm_optimizer
+        from .pipeline import get_method
+        from .study import applicable, corpus_of
 
         corpus_of(cfg)
         for m in methods:  # configuration errors before any training
-            make = make_lm_optimizer(cfg.optimizer, cfg.learning_rate)
-            PipelineSimulator(_probe_stages(cfg), make, method=get_method(m),
-                              schedule=cfg.schedule, n_microbatches=cfg.microbatches)
+            if not applicable(get_method(m), cfg):
+                raise ValueError(f"method {m} does not run with --optimizer {cfg.optimizer} "
+                                 f"on {cfg.schedule} (e.g. Spike Compensation needs momentum "
+                                 "SGD, Nesterov momentum converts Adam/AdamW/SGD only)")
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     seeds = list(range(args.seed, args.seed + args.seeds))
     compare_lm(cfg, methods, seeds, args.out, progress=not args.no_progress)
     return 0
-
-
-def _probe_stages(cfg: Any) -> list[torch.nn.Module]:
-    """Tiny stand-in stages with the layout of the run (for configuration checks)."""
-    return [torch.nn.Linear(2, 2) for _ in range(cfg.stages)]
 
 
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -472,6 +469,9 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         args.methods = list(METHODS_MLP)
     if args.stages is None:
         args.stages = _DEFAULTS["stages"]
+    if args.optimizer not in OPTIMIZERS:
+        parser.error(f"argument --optimizer: --task mlp runs {', '.join(OPTIMIZERS)}, got "
+                     f"{args.optimizer}")
 
     from .data import load_dataset, mlp_stages
     from .pipeline.schedules import stage_to_rank

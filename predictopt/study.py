@@ -40,6 +40,7 @@ __all__ = [
     "aggregate",
     "iso_loss_overhead",
     "make_lm_optimizer",
+    "stage_optimizer",
     "markdown_table",
     "plot_curves",
     "run_lm",
@@ -47,10 +48,14 @@ __all__ = [
     "LM_DEFAULT_LR",
 ]
 
-#: Optimizers of the yardstick: AdamW (weight decay 0.01), momentum SGD (0.9).
-LM_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-#: Their default learning rates (the issue's setting).
-LM_DEFAULT_LR: dict[str, float] = {"adamw": 3e-3, "sgd": 0.05}
+#: Optimizers of the yardstick: AdamW (weight decay 0.01), momentum SGD (0.9), and Muon
+#: (momentum 0.95, Nesterov, ``adjust_lr_fn="match_rms_adamw"``, weight decay 0.01) for the
+#: matrices of the transformer blocks with AdamW for the embeddings, the head, the biases and
+#: the norms (a :class:`~predictopt.combined.CombinedOptimizer` per stage).
+LM_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "muon")
+#: Their default learning rates (AdamW and SGD: the issue's setting; Muon's RMS-matched update
+#: takes AdamW's rate).
+LM_DEFAULT_LR: dict[str, float] = {"adamw": 3e-3, "sgd": 0.05, "muon": 3e-3}
 
 
 @dataclass(frozen=True)
@@ -125,12 +130,34 @@ class LMConfig:
 
 def make_lm_optimizer(name: str, lr: float) -> Callable[[Iterable[torch.nn.Parameter]],
                                                         torch.optim.Optimizer]:
-    """``params -> optimizer`` for :data:`LM_OPTIMIZERS`."""
+    """``params -> optimizer`` for the AdamW and SGD settings of :data:`LM_OPTIMIZERS` (Muon
+    needs the module: :func:`stage_optimizer`)."""
     if name == "adamw":
         return lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.01)
     if name == "sgd":
         return lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)
-    raise ValueError(f"optimizer must be one of {', '.join(LM_OPTIMIZERS)}, got {name!r}")
+    raise ValueError(f"optimizer must be one of adamw, sgd, got {name!r}")
+
+
+def stage_optimizer(name: str, lr: float, module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of one stage of the yardstick (see :data:`LM_OPTIMIZERS`)."""
+    if name != "muon":
+        return make_lm_optimizer(name, lr)(module.parameters())
+    from .combined import CombinedOptimizer
+
+    mats = [p for n, p in module.named_parameters() if n.startswith("block.") and p.ndim == 2]
+    rest = [p for n, p in module.named_parameters()
+            if not (n.startswith("block.") and p.ndim == 2)]
+    return CombinedOptimizer([
+        torch.optim.Muon(mats, lr=lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(rest, lr=lr, weight_decay=0.01)])
+
+
+def _factory(cfg: LMConfig, stages: Sequence[torch.nn.Module]
+             ) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
+    """``make_optimizer`` for the simulator: the stages' optimizers, in stage order."""
+    it = iter([stage_optimizer(cfg.optimizer, cfg.learning_rate, m) for m in stages])
+    return lambda _params: next(it)
 
 
 _DATA: dict[str | None, TextData] = {}
@@ -172,9 +199,8 @@ def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = No
     data = corpus_of(cfg)
     stages = lm_stages(cfg.stages, data.vocab_size, dim=cfg.dim, heads=cfg.heads,
                        context=cfg.context, dropout=cfg.dropout, seed=seed)
-    sim = PipelineSimulator(stages, make_lm_optimizer(cfg.optimizer, cfg.learning_rate),
-                            method=spec, schedule=cfg.schedule, n_microbatches=cfg.microbatches,
-                            loss_fn=lm_loss)
+    sim = PipelineSimulator(stages, _factory(cfg, stages), method=spec, schedule=cfg.schedule,
+                            n_microbatches=cfg.microbatches, loss_fn=lm_loss)
     xv, yv = data.held_out(cfg.eval_sequences, cfg.context)
     gen = torch.Generator().manual_seed(10_000 + seed)
     total = cfg.steps if is_ref else math.ceil(cfg.horizon * cfg.steps)
@@ -422,11 +448,10 @@ def applicable(method: str, cfg: LMConfig) -> bool:
     """Whether ``method`` runs in setting ``cfg`` (e.g. Spike Compensation needs momentum SGD)."""
     from .pipeline import PipelineSimulator, get_method
 
+    probe = lm_stages(cfg.stages, 5, dim=4, heads=1, context=2)
     try:
-        PipelineSimulator([torch.nn.Linear(2, 2) for _ in range(cfg.stages)],
-                          make_lm_optimizer(cfg.optimizer, cfg.learning_rate),
-                          method=get_method(method), schedule=cfg.schedule,
-                          n_microbatches=cfg.microbatches)
+        PipelineSimulator(probe, _factory(cfg, probe), method=get_method(method),
+                          schedule=cfg.schedule, n_microbatches=cfg.microbatches)
     except ValueError:
         return False
     return True

@@ -21,10 +21,16 @@ ALL_METHODS: tuple[str, ...] = (
 #: strongest and this project's candidate).
 CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nesterov-dl",
                                  "nesterov", "pipemare", "dc-asgd")
-#: (stages, optimizer, methods), in the order they run.
+#: The methods with Muon (those that convert the optimizer do not apply to it).
+MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
+                                 "pipeoptim-qh-dl", "pipedream-dl", "pipemare", "dc-asgd")
+#: (stages, optimizer, methods), in the order they run; methods a setting cannot run are
+#: skipped (:func:`predictopt.study.applicable`).
 PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (4, "adamw", CORE_METHODS),
-    (4, "sgd", CORE_METHODS), (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))
+    (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
+    (4, "adamw", CORE_METHODS + ("qh-dl",)), (4, "sgd", CORE_METHODS + ("qh-dl",)),
+    (16, "adamw", CORE_METHODS + ("qh-dl",)), (16, "sgd", CORE_METHODS + ("qh-dl",)),
+    (4, "muon", MUON_METHODS[:4]), (16, "muon", MUON_METHODS[:4]))
 SEEDS: tuple[int, ...] = (0, 1, 2)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "lm_study.jsonl"
 

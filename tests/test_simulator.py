@@ -110,8 +110,8 @@ def stash_reference(x, y, *, schedule, method, num_stages=4, n=8, steps=2, make=
     ranks = num_stages // spr
     table = staleness(schedule, ranks, n, stages_per_rank=spr, update_every=update_every)
     order = global_order(schedule, ranks, n, stages_per_rank=spr)
-    opts = [PredictiveOptimizer(make(m.parameters()), steps=max(1, max(table[k])))
-            for k, m in enumerate(stages)]
+    opts = [PredictiveOptimizer(make(m.parameters()), steps=max(1, max(table[k])),
+                                calibrate=False) for k, m in enumerate(stages)]
     history = [[weights([m])] for m in stages]  # every version of every stage
     done = [0] * num_stages
     size = x.shape[0] // n

@@ -31,8 +31,9 @@ MARK = re.compile(r"(<!-- gen:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /gen:(?
                   re.S)
 
 #: The settings of the language-model study and the methods shown for each.
-STUDY_SETTINGS: list[tuple[int, str]] = [(8, "adamw"), (8, "sgd"), (4, "adamw"), (4, "sgd"),
-                                         (16, "adamw"), (16, "sgd")]
+STUDY_SETTINGS: list[tuple[int, str]] = [(8, "adamw"), (8, "sgd"), (8, "muon"), (4, "adamw"),
+                                         (4, "sgd"), (4, "muon"), (16, "adamw"), (16, "sgd"),
+                                         (16, "muon")]
 SEEDS = [0, 1, 2]
 
 

@@ -396,7 +396,10 @@ class StageWorker:
             else:
                 rule_obj = spec.prediction_rule(prepared)
             steps = max(1, max(self.horizons)) if predicting else 0
-            self.optimizer = PredictiveOptimizer(prepared, steps=steps, rule=rule_obj)
+            # the methods keep their published formulas (calibration is a choice of the user:
+            # pass a PredictiveOptimizer(..., calibrate=True) to get it)
+            self.optimizer = PredictiveOptimizer(prepared, steps=steps, rule=rule_obj,
+                                                 calibrate=False)
         self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
         self.module = module
         self.param_names: list[str] = [pname for pname, _ in named]

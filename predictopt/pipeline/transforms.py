@@ -83,9 +83,9 @@ def _rebuild(cls: type, groups: list[dict[str, Any]], **kwargs: Any) -> Optimize
     new = cls([{"params": []}], **kwargs)  # defaults only; the real groups follow
     new.param_groups.clear()
     for g in groups:
-        for key, value in new.defaults.items():
-            g.setdefault(key, value)
-        new.param_groups.append(g)
+        new.add_param_group(g)  # validates, fills the defaults in, keeps the dict itself
+    if any(a is not b for a, b in zip(new.param_groups, groups)):  # pragma: no cover
+        raise RuntimeError(f"{cls.__name__}.add_param_group copied the group dicts")
     return new
 
 
@@ -286,15 +286,32 @@ class QuasiHyperbolicMomentum(StageTransform):
             nu = _number(nu, "nu", high=1.0)
         self.nu = nu
 
-    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
-        if isinstance(optimizer, _ADAM_LIKE) and not isinstance(optimizer, torch.optim.NAdam):
-            return optimizer
-        if isinstance(optimizer, torch.optim.SGD) and all(
+    @staticmethod
+    def _kind(part: Optimizer) -> str | None:
+        if isinstance(part, _ADAM_LIKE) and not isinstance(part, torch.optim.NAdam):
+            return "adam"
+        if isinstance(part, torch.optim.SGD) and all(
                 g.get("momentum", 0) and not g.get("nesterov") and not g.get("dampening", 0)
-                for g in optimizer.param_groups):
-            return optimizer
-        raise ValueError(f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD "
-                         f"(without nesterov or dampening); got {type(optimizer).__name__}")
+                for g in part.param_groups):
+            return "sgd"
+        muon = getattr(torch.optim, "Muon", None)
+        if muon is not None and isinstance(part, muon):
+            return "keep"  # Muon: Nesterov momentum already, orthogonalised; left as it is
+        return None
+
+    @staticmethod
+    def _parts(optimizer: Optimizer) -> tuple[Optimizer, ...]:
+        from ..combined import CombinedOptimizer
+
+        return optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else (optimizer,)
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        kinds = [self._kind(p) for p in self._parts(optimizer)]
+        if None in kinds or set(kinds) == {"keep"}:
+            raise ValueError(f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD "
+                             f"(without nesterov or dampening), also as parts of a "
+                             f"CombinedOptimizer beside Muon; got {optimizer!r}")
+        return optimizer
 
     def _nu(self, group: dict[str, Any], ctx: StageContext) -> float:
         if self.nu == "delay":
@@ -304,19 +321,22 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
-        opt = update.optimizer
-        for group in opt.param_groups:
-            nu = self._nu(group, ctx)
-            if nu == 1.0:
+        for opt in self._parts(update.optimizer):
+            kind = self._kind(opt)
+            if kind not in ("adam", "sgd"):
                 continue
-            alpha = -float(group["lr"]) * (1.0 - nu)
-            sign = -1.0 if group.get("maximize") else 1.0
-            wd = float(group.get("weight_decay", 0.0) or 0.0)
-            if "betas" in group:
-                l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
-                self._adam(opt, group, alpha, sign, l2)
-            else:
-                self._sgd(opt, group, alpha, sign, wd)
+            for group in opt.param_groups:
+                nu = self._nu(group, ctx)
+                if nu == 1.0:
+                    continue
+                alpha = -float(group["lr"]) * (1.0 - nu)
+                sign = -1.0 if group.get("maximize") else 1.0
+                wd = float(group.get("weight_decay", 0.0) or 0.0)
+                if kind == "adam":
+                    l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
+                    self._adam(opt, group, alpha, sign, l2)
+                else:
+                    self._sgd(opt, group, alpha, sign, wd)
 
     @staticmethod
     def _adam(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
