@@ -129,7 +129,10 @@ def test_every_method_without_delay_is_its_staleness_free_twin(batch, method):
     for make in (adamw, sgd):
         if not accepts(method, make):
             continue
-        twin = spec.with_(name="twin", forward="current", backward="forward",
+        # a correction of the backward's weights only acts after updates in flight: none here
+        kept = tuple(t for t in spec.transforms
+                     if not getattr(t, "corrects_backward_weights", False))
+        twin = spec.with_(name="twin", forward="current", backward="forward", transforms=kept,
                           staleness_free=spec.cadence.kind == "microbatch")
         wa, la, _ = train(spec, x, y, stages=1, make=make)
         wb, lb, _ = train(twin, x, y, stages=1, make=make)
@@ -486,3 +489,28 @@ def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
         _qh_plain(ob, 0.3)
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+
+
+def test_discrepancy_correction_reads_the_extrapolated_weights_in_the_backward():
+    """PipeMare: a backward ``lag`` updates after its forward reads w - lag * delta, delta the
+    EMA of the stage's updates; with one linear layer the input gradient shows it."""
+    from predictopt.pipeline.transforms import DiscrepancyCorrection
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2, bias=False)
+    spec = Method("pm", backward="current", transforms=(DiscrepancyCorrection(gamma=0.5),))
+    w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1), method=spec,
+                    staleness=[0, 1], input_grads=True)
+    x = torch.randn(4, 3)
+    out0 = w.forward(0, x)
+    out1 = w.forward(1, x)
+    w0 = m.weight.detach().clone()
+    w.backward(0, grad_output=torch.ones_like(out0))  # update 1: delta = 0.5 * (w1 - w0)
+    delta = 0.5 * (m.weight.detach() - w0)
+    expect = torch.ones(4, 2) @ (m.weight.detach() - 1 * delta)  # lag 1
+    (g,) = w.backward(1, grad_output=torch.ones_like(out1))
+    torch.testing.assert_close(g, expect, rtol=0, atol=1e-7)
+    assert not torch.allclose(g, torch.ones(4, 2) @ m.weight.detach())
+    with pytest.raises(ValueError, match="backward = 'current'"):
+        StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                    method=spec.with_(name="bad", backward="forward"), staleness=[0])

@@ -28,6 +28,7 @@ from .methods import PER_STEP, WINDOW, Cadence, Method, register_method
 from .transforms import (
     DelayCompensation,
     DelayScaledLR,
+    DiscrepancyCorrection,
     NesterovMomentum,
     QuasiHyperbolicMomentum,
     RequireMomentumSGD,
@@ -196,8 +197,10 @@ NESTEROV = register_method(Method(
     source="Ajanthan et al., Nesterov Method for Asynchronous Pipeline Parallel Optimization, "
            "ICML 2025 (code: PluralisResearch/AsyncPP)"))
 PIPEMARE = register_method(Method(
-    "pipemare", backward="current", transforms=(DelayScaledLR(power=1.0, offset=0.0),),
-    summary="no weight stashing; learning rate divided by the stage's delay",
+    "pipemare", backward="current",
+    transforms=(DelayScaledLR(power=1.0, offset=0.0), DiscrepancyCorrection()),
+    summary="no weight stashing; learning rate divided by the stage's delay; backward weights "
+            "corrected back along an EMA of the updates",
     source="Yang et al., PipeMare, MLSys 2021"))
 DC_ASGD = register_method(Method(
     "dc-asgd", transforms=(DelayCompensation(),),

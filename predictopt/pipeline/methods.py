@@ -203,7 +203,12 @@ class StageTransform:
     * :meth:`lr_scale` before every update and every prediction: a factor on every group's
       learning rate, applied only for the duration of the update (schedulers and checkpoints
       keep seeing the user's learning rate) and used for the predicted weights too;
-    * :meth:`after_step` after every update, before the gradients are cleared.
+    * :meth:`before_step` and :meth:`after_step` around the optimizer step of every update,
+      before the gradients are cleared.
+
+    A transform with ``corrects_backward_weights = True`` (methods with
+    ``backward = "current"`` only) also provides ``backward_weight(ctx, state, param, lag)``:
+    the value a backward reads for ``param`` when ``lag`` updates happened since the forward.
     """
 
     #: Whether :meth:`correct_gradients` needs the forward's weights (kept until the backward
@@ -222,6 +227,9 @@ class StageTransform:
     def lr_scale(self, ctx: StageContext, updates: int) -> float:
         """Factor on the learning rate of the update after ``updates`` updates."""
         return 1.0
+
+    def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        """Called right before the optimizer step of every update (learning rate scaled)."""
 
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
         """Called after the optimizer step of every update."""

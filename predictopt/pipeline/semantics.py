@@ -116,6 +116,7 @@ __all__ = [
 _ = catalog  # the built-in methods are registered on import
 _BASE_CORRECT = StageTransform.correct_gradients
 _BASE_AFTER = StageTransform.after_step
+_BASE_BEFORE = StageTransform.before_step
 
 #: The built-in methods that run on torch's pipeline schedules (and ``sequential``), by name.
 METHODS: tuple[str, ...] = tuple(
@@ -189,11 +190,13 @@ class _WeightRef:
     offset: int
 
 
-def _current_weight_hooks(weights: Sequence[Tensor], params: Sequence[Tensor]):
+def _current_weight_hooks(weights: Sequence[Tensor], params: Sequence[Tensor],
+                          value_of: Any = None):
     """``saved_tensors_hooks`` that save a weight of ``weights`` (or a view of one) as a reference
     to the parameter at the same position, and unpack it as a view of the parameter's value at
-    backward time. Weights in another dtype, device or layout than their parameter, and tensors
-    computed from weights, are saved as they are."""
+    backward time (or of ``value_of(i)``, a tensor laid out like parameter ``i``, when given).
+    Weights in another dtype, device or layout than their parameter, and tensors computed from
+    weights, are saved as they are."""
     by_storage: dict[int, list[tuple[int, int, int]]] = {}
     for i, (w, p) in enumerate(zip(weights, params)):
         if w.dtype == p.dtype and w.stride() == p.stride() and w.device == p.device:
@@ -213,7 +216,7 @@ def _current_weight_hooks(weights: Sequence[Tensor], params: Sequence[Tensor]):
 
     def unpack(x: Any) -> Tensor:
         if isinstance(x, _WeightRef):
-            p = params[x.index].detach()
+            p = params[x.index].detach() if value_of is None else value_of(x.index)
             return p.as_strided(x.size, x.stride, p.storage_offset() + x.offset)
         return x
 
@@ -410,6 +413,12 @@ class StageWorker:
         self._corrects = [t for t in spec.transforms
                           if type(t).correct_gradients is not _BASE_CORRECT]
         self._after = [t for t in spec.transforms if type(t).after_step is not _BASE_AFTER]
+        self._before = [t for t in spec.transforms if type(t).before_step is not _BASE_BEFORE]
+        self._backward_fix = [t for t in spec.transforms
+                              if getattr(t, "corrects_backward_weights", False)]
+        if self._backward_fix and not self._lean:
+            raise ValueError(f"method {name!r}: a correction of the backward's weights needs "
+                             "backward = 'current'")
         #: Per-parameter state of the method's transforms (part of a stage checkpoint).
         self.transform_state: dict[Tensor, dict[str, Any]] = {}
         #: Callables ``fn(worker)`` run after every update, once the learning rate the method
@@ -520,6 +529,23 @@ class StageWorker:
             base = [[float(g["lr"])] * h for g in self.optimizer.param_groups]
         return [[lr * scale for lr in row] for row in base]
 
+    def _backward_values(self, mb: int) -> Any:
+        """With backward = "current" and a transform that corrects the backward's weights:
+        ``value_of(i)``, the corrected value of parameter ``i``, computed at its first use in
+        the backward (with the number of updates since the forward) and reused."""
+        if not self._backward_fix:
+            return None
+        version, cache = self.num_updates, {}
+        state, ctx, fix = self.transform_state, self.context, self._backward_fix[0]
+
+        def value_of(i: int) -> Tensor:
+            if i not in cache:
+                p = self.params[i]
+                cache[i] = fix.backward_weight(ctx, state, p, self.num_updates - version)
+            return cache[i]
+
+        return value_of
+
     def _stream_seed(self, mb: int) -> int:
         """The seed of micro-batch ``mb``'s forward in the current step: a function of the base
         seed, the stage, the step and the micro-batch only, so the random ops (dropout) of a
@@ -601,7 +627,7 @@ class StageWorker:
                 weights[i] = w
         if self._lean and (self.staleness[mb] or self.horizons[mb]):
             hooks = torch.autograd.graph.saved_tensors_hooks(
-                *_current_weight_hooks(weights, self.params))
+                *_current_weight_hooks(weights, self.params, self._backward_values(mb)))
         else:
             hooks = contextlib.nullcontext()
         with hooks, torch.random.fork_rng(devices=self._devices):
@@ -772,6 +798,10 @@ class StageWorker:
         for g, lr in zip(groups, scaled):
             g["lr"] = lr  # a new object: a Tensor lr of the user is not written to
         try:
+            if self._before:
+                ctx = self._update_context()
+                for t in self._before:
+                    t.before_step(self.context, ctx)
             self.optimizer.step()
             if self._after:
                 ctx = self._update_context()

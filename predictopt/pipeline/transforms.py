@@ -25,6 +25,10 @@ setting the learning rate the converted one uses.
   fresh gradient into the momentum direction, $\nu\,\hat m + (1 - \nu)\,g$ (Adam family,
   normalised by $\sqrt{\hat v} + \epsilon$) or $\nu\,b + (1 - \nu)\,g / (1 - \mu)$ (momentum
   SGD), applied as a correction after the optimizer's own step.
+* :class:`DiscrepancyCorrection` (PipeMare, Yang et al., 2021): without weight stashing, the
+  backward reads $w - \ell\,\delta$ instead of the current $w$, $\ell$ the updates since the
+  forward and $\delta$ an EMA of the stage's recent updates, an estimate of the forward's
+  weights that costs no copy per micro-batch.
 * :class:`DelayCompensation` (DC-ASGD, Zheng et al., 2017): each delayed gradient is corrected
   to first order with the diagonal outer-product approximation of the Hessian,
   $g + \lambda\,g \odot g \odot (w_{now} - w_{fwd})$, with the adaptive
@@ -47,6 +51,7 @@ __all__ = [
     "AdaptiveMomentum",
     "DelayCompensation",
     "DelayScaledLR",
+    "DiscrepancyCorrection",
     "NesterovMomentum",
     "QuasiHyperbolicMomentum",
     "RequireMomentumSGD",
@@ -449,3 +454,54 @@ class DelayCompensation(StageTransform):
             if w.data_ptr() == p.data_ptr():
                 continue  # forward ran on the current weights: no delay to compensate
             g.add_(g * g * (p.detach() - w) * lam)
+
+
+class DiscrepancyCorrection(StageTransform):
+    r"""PipeMare's discrepancy correction: the backward of a method without weight stashing
+    reads $w_t - \ell\,\delta_t$, where $\ell$ is the number of updates since the micro-batch's
+    forward and $\delta_{t+1} = \gamma\,\delta_t + (1-\gamma)(w_{t+1} - w_t)$ an EMA of the
+    stage's updates: the forward's weights $w_{t-\ell}$, extrapolated back. Keeps two copies of
+    the stage's weights (the EMA and the weights before the step, in the worker's transform
+    state), against one per micro-batch in flight for weight stashing.
+
+    Args:
+        gamma: $\gamma \in [0, 1)$.
+    """
+
+    corrects_backward_weights = True
+
+    def __init__(self, gamma: float = 0.9) -> None:
+        self.gamma = _number(gamma, "gamma", high=1.0, high_open=True)
+
+    @torch.no_grad()
+    def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        for p in update.params:
+            st = update.state.setdefault(p, {})
+            prev = st.get("before")
+            if prev is None:
+                st["before"] = p.detach().clone()
+            else:
+                prev.copy_(p.detach())
+
+    @torch.no_grad()
+    def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        for p in update.params:
+            st = update.state[p]
+            step = p.detach() - st["before"]
+            d = st.get("delta")
+            if d is None:
+                st["delta"] = step.mul_(1.0 - self.gamma)
+            else:
+                d.mul_(self.gamma).add_(step, alpha=1.0 - self.gamma)
+
+    @torch.no_grad()
+    def backward_weight(self, ctx: StageContext, state: dict[Tensor, dict[str, Any]],
+                        param: Tensor, lag: int) -> Tensor:
+        r"""$w - \ell\,\delta$ laid out like ``param`` (``param`` itself while no EMA exists)."""
+        d = state.get(param, {}).get("delta")
+        if d is None or lag == 0:
+            return param.detach()
+        out = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype,
+                                  device=param.device)
+        torch.add(param.detach(), d, alpha=-float(lag), out=out)
+        return out
