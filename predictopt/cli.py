@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "a micro-batch's forward and the update applying its gradient, and render "
                     "the schedule's timeline as a PNG.",
     )
-    s.add_argument("--schedule", type=_schedule, required=True, help="torch pipeline schedule")
+    s.add_argument("--schedule", type=_schedule, required=True,
+                   help="pipeline schedule (torch's, or ZBH1 / ZBH2)")
     s.add_argument("--ranks", type=_positive_int, required=True, help="pipeline ranks")
     s.add_argument("--microbatches", type=_positive_int, required=True,
                    help="micro-batches per step")
@@ -637,7 +638,15 @@ class _ScaledProgress:
 
 
 def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .pipeline.schedules import bubble_fraction, render_timeline, stage_to_rank, staleness
+    from .pipeline.schedules import (
+        bubble_fraction,
+        bubble_rate,
+        peak_activations,
+        render_timeline,
+        schedule_actions,
+        stage_to_rank,
+        staleness,
+    )
     from .pipeline.schedules import timeline as make_timeline
 
     try:
@@ -646,6 +655,12 @@ def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         placement = stage_to_rank(args.schedule, args.ranks, args.stages_per_rank)
         tl = make_timeline(args.schedule, args.ranks, args.microbatches,
                            stages_per_rank=args.stages_per_rank)
+        equal = make_timeline(args.schedule, args.ranks, args.microbatches,
+                              stages_per_rank=args.stages_per_rank,
+                              durations={"F": 1, "B": 2, "I": 1, "W": 1})
+        peak = max(peak_activations(schedule_actions(
+            args.schedule, args.ranks, args.microbatches,
+            stages_per_rank=args.stages_per_rank)).values())
     except ValueError as exc:
         parser.error(str(exc))
     spr = len(placement) // args.ranks
@@ -657,6 +672,9 @@ def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             for k, vals in table.items()]
     print(_format_table(header, rows))
     print(f"bubble fraction (F=1, B=2, I=W=1): {bubble_fraction(tl):.3f}")
+    print(f"bubble rate per unit of work, Zero Bubble's measure (T_F=T_B=T_W): "
+          f"{bubble_rate(equal):.3f}")
+    print(f"peak activations: {peak:g} micro-batches on the busiest rank")
     path = args.out if args.out is not None else Path(f"runs/staleness_{args.schedule}.png")
     render_timeline(tl, path, title=f"{args.schedule}, {args.ranks} ranks, "
                                     f"{args.microbatches} micro-batches")

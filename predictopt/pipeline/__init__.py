@@ -27,9 +27,14 @@ from predictopt.pipeline.schedules import (
     SUPPORTED_SCHEDULES,
     Action,
     TimelineEntry,
+    action_timeline,
+    available_schedules,
     bubble_fraction,
+    bubble_rate,
     global_order,
     max_staleness,
+    peak_activations,
+    register_schedule,
     render_timeline,
     schedule_actions,
     stage_to_rank,
@@ -53,6 +58,7 @@ from predictopt.pipeline.simulator import (
     simulate,
     train,
 )
+from predictopt.pipeline.zero_bubble import auto_schedule, exact_schedule, zb_h1, zb_h2
 
 __all__ = [
     "SUPPORTED_SCHEDULES",
@@ -66,6 +72,15 @@ __all__ = [
     "stage_to_rank",
     "staleness",
     "timeline",
+    "action_timeline",
+    "available_schedules",
+    "bubble_rate",
+    "peak_activations",
+    "register_schedule",
+    "auto_schedule",
+    "exact_schedule",
+    "zb_h1",
+    "zb_h2",
     "METHODS",
     "PIPELINE_METHODS",
     "LEAN_METHODS",
