@@ -356,17 +356,36 @@ def test_cli_accepts_and_draws_the_new_schedules(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _lightning_worker(rank: int, world_size: int, tmp: str) -> list:
+    """One rank of a Lightning fit with ``PipeOptimStrategy(schedule="zbh1")``."""
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
+    from tests import test_lightning as L
+
+    strategy = L.pipe(schedule="zbh1")
+    assert strategy.schedule == "ZBH1"
+    model = L.Net(2, "none")
+    L.trainer(strategy, tmp).fit(model, L.train_loader(8))
+    return L.weights(model)
+
+
 @pytest.mark.timeout(300)
 def test_lightning_strategy_takes_the_name(tmp_path):
     """``PipeOptimStrategy(schedule="zbh1")`` on 2 processes trains exactly like the simulator
     (the strategy calls predictopt's builder with the name)."""
     pytest.importorskip("lightning")
-    from lightning_plugin import PipeOptimStrategy
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _dist
+
     from tests import test_lightning as L
 
-    model = L.Net(2, "none")
-    strategy = PipeOptimStrategy(schedule="zbh1", start_method="spawn")
-    assert strategy.schedule == "ZBH1"
-    L.trainer(strategy, 2, tmp_path, max_epochs=1).fit(model, L.loader(8))
-    ref, _, _ = L.reference(2, "ZBH1", 4, 8, 1, "none")  # default n: 2 x 2 stages
-    L.assert_same_weights(model, ref)
+    results = _dist.launch(_lightning_worker, 2, str(tmp_path), timeout=240.0, pg_timeout=60.0)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    ref, _, _ = L.simulate(schedule="ZBH1")  # 2 stages, n = 4 micro-batches of 2
+    for res in results:
+        L.assert_same(res["value"], ref)
