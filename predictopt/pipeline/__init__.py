@@ -23,6 +23,7 @@ from predictopt.pipeline.pb import (
     pb_staleness,
     pb_ticks,
 )
+from predictopt.pipeline.postvalidation import PostValidation
 from predictopt.pipeline.schedules import (
     SUPPORTED_SCHEDULES,
     Action,
@@ -81,6 +82,7 @@ __all__ = [
     "exact_schedule",
     "zb_h1",
     "zb_h2",
+    "PostValidation",
     "METHODS",
     "PIPELINE_METHODS",
     "LEAN_METHODS",
