@@ -333,6 +333,48 @@ def schedule_table() -> str:
         spr = len({a.stage for a in acts[0]})
         label = name if spr == 1 else f"{name} ({p * spr} stages)"
         lines.append(_schedule_row(name, label, acts, papers))
+    lines.append(_bitpipe_row(p, m))
+    return "\n".join(lines) + "\n"
+
+
+def _bitpipe_row(p: int, m: int) -> str:
+    """BitPipe: its own timeline (with the eager synchronisation), memory and staleness."""
+    from predictopt.pipeline import bitpipe as bp
+    from predictopt.pipeline.schedules import bubble_fraction, bubble_rate
+
+    step = bubble_fraction(bp.bitpipe_timeline(p, m))
+    work = bubble_rate(bp.bitpipe_timeline(p, m, durations={"F": 1, "B": 2}))
+    peak = max(bp.bitpipe_peak_activations(p, m).values())
+    table = bp.bitpipe_staleness(p, m)
+    stale = " ".join(str(max(max(table[("A", c)]), max(table[("B", c)]))) for c in range(2 * p))
+    return (f"| BitPipe ({2 * p} chunks, 2 copies) | {step:.1%} | {work:.3f} | - | {peak:g} "
+            f"(weights 2x) | - | {stale} | BitPipe paper |")
+
+
+#: The authors' figure of BitPipe (4 devices, micro-batches 1, 2 down and 3, 4 up, F = 1 unit,
+#: B = 2 units) ends at 28 units (docs/BitPipe_images/BitPipe-v.svg in wuhouming/BitPipe).
+BITPIPE_FIGURE_MAKESPAN = 28
+
+
+def bitpipe_table() -> str:
+    """BitPipe's makespan against the authors' figure, and per size with and without waits."""
+    from predictopt.pipeline import bitpipe as bp
+
+    def makespan(k: int, m: int, sync: bool = True) -> float:
+        return max(e.end for e in bp.bitpipe_timeline(k, m, durations={"F": 1, "B": 2},
+                                                       sync=sync))
+
+    lines = [f"The authors' figure (4 ranks, 4 micro-batches, F = 1, B = 2) ends at "
+             f"{BITPIPE_FIGURE_MAKESPAN} units; `bitpipe_actions` ends at "
+             f"{makespan(4, 4):g}, with device 1's order of the figure.", "",
+             "| ranks | micro-batches | makespan | without the synchronisation waits | "
+             "bubble of the step |", "|---:|---:|---:|---:|---:|"]
+    from predictopt.pipeline.schedules import bubble_fraction
+
+    for k, m in ((2, 4), (4, 4), (4, 8), (4, 16), (8, 16)):
+        frac = bubble_fraction(bp.bitpipe_timeline(k, m, durations={"F": 1, "B": 2}))
+        lines.append(f"| {k} | {m} | {makespan(k, m):g} | {makespan(k, m, False):g} | "
+                     f"{frac:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -377,12 +419,15 @@ TIMELINES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZe
 
 def schedule_plots() -> None:
     """The schedules' timelines (F = 1, B = 2, I = W = 1)."""
+    from predictopt.pipeline.bitpipe import bitpipe_timeline
     from predictopt.pipeline.schedules import render_timeline, timeline
 
     for name in TIMELINES:
         tl = timeline(name, SCHED_P, SCHED_M)
         render_timeline(tl, DOCS / "img" / f"timeline_{name}.png",
                         title=f"{name}, {SCHED_P} ranks, {SCHED_M} micro-batches")
+    render_timeline(bitpipe_timeline(SCHED_P, SCHED_M), DOCS / "img" / "timeline_BitPipe.png",
+                    title=f"BitPipe, {SCHED_P} ranks, {SCHED_M} micro-batches")
 
 
 def _study_generators() -> dict[str, Callable[[], str]]:
@@ -397,7 +442,8 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "example-lm-output": example_lm_output,
                                           "memory-table": memory_table,
                                           "schedule-table": schedule_table,
-                                          "auto-schedule-table": auto_table}
+                                          "auto-schedule-table": auto_table,
+                                          "bitpipe-table": bitpipe_table}
     for stages, opt in STUDY_SETTINGS:
         gens[f"study-{stages}-{opt}"] = (lambda k=stages, o=opt: study_table(k, o))
     return gens
