@@ -2,6 +2,7 @@
 methods (:mod:`~predictopt.pipeline.methods`, one registry of :class:`Method` values), the
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
+from predictopt.pipeline.bitpipe import BITPIPE_SCHEDULE, BitPipeSimulator
 from predictopt.pipeline.methods import (
     DEFAULT_METHOD,
     Cadence,
@@ -83,6 +84,8 @@ __all__ = [
     "zb_h1",
     "zb_h2",
     "PostValidation",
+    "BITPIPE_SCHEDULE",
+    "BitPipeSimulator",
     "METHODS",
     "PIPELINE_METHODS",
     "LEAN_METHODS",
