@@ -159,13 +159,15 @@ def _pb_methods() -> tuple[str, ...]:
 
 
 def _schedule(text: str) -> str:
+    from .pipeline.bitpipe import BITPIPE_SCHEDULE
     from .pipeline.schedules import SUPPORTED_SCHEDULES
 
-    for name in SUPPORTED_SCHEDULES:
+    names = SUPPORTED_SCHEDULES + (BITPIPE_SCHEDULE,)  # BitPipe: simulator only
+    for name in names:
         if name.lower() == text.lower():
             return name
     raise argparse.ArgumentTypeError(
-        f"unknown schedule {text!r}; choose from {', '.join(SUPPORTED_SCHEDULES)}")
+        f"unknown schedule {text!r}; choose from {', '.join(names)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "a micro-batch's forward and the update applying its gradient, and render "
                     "the schedule's timeline as a PNG.",
     )
-    s.add_argument("--schedule", type=_schedule, required=True, help="torch pipeline schedule")
+    s.add_argument("--schedule", type=_schedule, required=True,
+                   help="pipeline schedule (torch's, ZBH1 / ZBH2, or BitPipe)")
     s.add_argument("--ranks", type=_positive_int, required=True, help="pipeline ranks")
     s.add_argument("--microbatches", type=_positive_int, required=True,
                    help="micro-batches per step")
@@ -474,11 +477,13 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                      f"{args.optimizer}")
 
     from .data import load_dataset, mlp_stages
+    from .pipeline.bitpipe import BITPIPE_SCHEDULE, BitPipeSimulator
     from .pipeline.schedules import stage_to_rank
     from .pipeline.simulator import PipelineSimulator, train
 
     torch.set_num_threads(args.threads)
-    spr = len(stage_to_rank(args.schedule, 1))
+    bitpipe = args.schedule == BITPIPE_SCHEDULE  # 2K chunks on K ranks, two copies each
+    spr = 2 if bitpipe else len(stage_to_rank(args.schedule, 1))
     pb_all = _pb_methods()
     pb_methods = [m for m in args.methods if m in pb_all]
     if args.stages % spr and len(pb_methods) < len(args.methods):
@@ -514,7 +519,11 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                                      method="sequential" if method == PB_SYNC else method,
                                      schedule="PB", n_microbatches=pb_stream)
         ue = args.update_every if method in ("pipedream-2bw", "xpipe") else None
-        return PipelineSimulator(stages, make_opt, method=method, schedule=args.schedule,
+        if bitpipe and method != "sequential":
+            return BitPipeSimulator(stages, make_opt, method=method,  # type: ignore[return-value]
+                                    n_microbatches=args.microbatches, update_every=ue)
+        return PipelineSimulator(stages, make_opt, method=method,  # sequential: no schedule
+                                 schedule="1F1B" if bitpipe else args.schedule,
                                  n_microbatches=args.microbatches, update_every=ue)
 
     def build_all(ds: Any, seed: int) -> dict[str, PipelineSimulator]:
@@ -637,15 +646,31 @@ class _ScaledProgress:
 
 
 def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .pipeline.schedules import bubble_fraction, render_timeline, stage_to_rank, staleness
+    from .pipeline.schedules import (
+        bubble_fraction,
+        bubble_rate,
+        peak_activations,
+        render_timeline,
+        schedule_actions,
+        stage_to_rank,
+        staleness,
+    )
     from .pipeline.schedules import timeline as make_timeline
 
+    if args.schedule == "BitPipe":
+        return _run_staleness_bitpipe(args, parser)
     try:
         table = staleness(args.schedule, args.ranks, args.microbatches,
                           stages_per_rank=args.stages_per_rank, update_every=args.update_every)
         placement = stage_to_rank(args.schedule, args.ranks, args.stages_per_rank)
         tl = make_timeline(args.schedule, args.ranks, args.microbatches,
                            stages_per_rank=args.stages_per_rank)
+        equal = make_timeline(args.schedule, args.ranks, args.microbatches,
+                              stages_per_rank=args.stages_per_rank,
+                              durations={"F": 1, "B": 2, "I": 1, "W": 1})
+        peak = max(peak_activations(schedule_actions(
+            args.schedule, args.ranks, args.microbatches,
+            stages_per_rank=args.stages_per_rank)).values())
     except ValueError as exc:
         parser.error(str(exc))
     spr = len(placement) // args.ranks
@@ -657,9 +682,48 @@ def _run_staleness(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             for k, vals in table.items()]
     print(_format_table(header, rows))
     print(f"bubble fraction (F=1, B=2, I=W=1): {bubble_fraction(tl):.3f}")
+    print(f"bubble rate per unit of work, Zero Bubble's measure (T_F=T_B=T_W): "
+          f"{bubble_rate(equal):.3f}")
+    print(f"peak activations: {peak:g} micro-batches on the busiest rank")
     path = args.out if args.out is not None else Path(f"runs/staleness_{args.schedule}.png")
     render_timeline(tl, path, title=f"{args.schedule}, {args.ranks} ranks, "
                                     f"{args.microbatches} micro-batches")
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_staleness_bitpipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``predictopt staleness --schedule BitPipe``: one row per copy (replica, chunk)."""
+    from .pipeline import bitpipe as bp
+    from .pipeline.schedules import bubble_fraction, bubble_rate, render_timeline
+
+    try:
+        table = bp.bitpipe_staleness(args.ranks, args.microbatches,
+                                     update_every=args.update_every)
+        tl = bp.bitpipe_timeline(args.ranks, args.microbatches,
+                                 update_every=args.update_every)
+        equal = bp.bitpipe_timeline(args.ranks, args.microbatches, durations={"F": 1, "B": 2},
+                                    update_every=args.update_every)
+        peak = max(bp.bitpipe_peak_activations(args.ranks, args.microbatches).values())
+    except ValueError as exc:
+        parser.error(str(exc))
+    place = bp.bitpipe_placement(args.ranks)
+    half = args.microbatches // 2
+    print(f"staleness s(copy, micro-batch) for BitPipe: {args.ranks} ranks x 4 chunk copies, "
+          f"{args.microbatches} micro-batches (0..{half - 1} down, {half}.."
+          f"{args.microbatches - 1} up), update every {args.update_every} completed "
+          f"backward(s) of a copy, with its partner")
+    header = ["replica", "chunk", "rank"] + [f"mb{i}" for i in range(half)] + ["max"]
+    rows = [[rep, str(c), str(place[(rep, c)])] + [str(v) for v in vals] + [str(max(vals))]
+            for (rep, c), vals in table.items()]
+    print(_format_table(header, rows))
+    print(f"bubble fraction (F=1, B=2): {bubble_fraction(tl):.3f}")
+    print(f"bubble rate per unit of work, Zero Bubble's measure (T_F=T_B=T_W): "
+          f"{bubble_rate(equal):.3f}")
+    print(f"peak activations: {peak:g} micro-batches on the busiest rank (weights: 2x 1F1B's)")
+    path = args.out if args.out is not None else Path("runs/staleness_BitPipe.png")
+    render_timeline(tl, path, title=f"BitPipe, {args.ranks} ranks, {args.microbatches} "
+                                    "micro-batches")
     print(f"wrote {path}")
     return 0
 

@@ -399,3 +399,33 @@ def fault_worker(rank: int, world_size: int, mode: str) -> dict[str, Any]:
 
 def copy_modules(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     return copy.deepcopy(modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered action-list schedules (tests/test_zero_bubble.py)
+# ---------------------------------------------------------------------------------------------
+
+#: A schedule from the automatic scheduler with unequal costs (two I before a W on rank 0).
+TEST_SCHEDULE = "ZBAutoTest"
+
+
+def _auto_test_schedule(k: int, n: int) -> Any:
+    from predictopt.pipeline.zero_bubble import auto_schedule
+
+    return auto_schedule(k, n, t_f=1.0, t_b=2.0, t_w=2.0, t_comm=0.5, mem_limit=2 * k)
+
+
+def ensure_test_schedule() -> str:
+    """Register :data:`TEST_SCHEDULE` in this process (every rank must, like the parent)."""
+    from predictopt.pipeline.schedules import available_schedules, register_schedule
+
+    if TEST_SCHEDULE not in available_schedules():
+        register_schedule(TEST_SCHEDULE, _auto_test_schedule, description="test costs")
+    return TEST_SCHEDULE
+
+
+def registered_equivalence_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
+                                  ) -> dict[str, Any]:
+    """:func:`equivalence_worker` after registering the test schedule on this rank."""
+    ensure_test_schedule()
+    return equivalence_worker(rank, world_size, configs)

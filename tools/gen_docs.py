@@ -260,6 +260,177 @@ def example_lm_output() -> str:
     return "```text\n" + "\n".join(out) + "\n```\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# Schedules (docs/staleness.md): computed from the schedules' own action lists
+# ---------------------------------------------------------------------------------------------
+
+#: Ranks and micro-batches of the schedule tables and timelines.
+SCHED_P, SCHED_M = 4, 8
+#: The paper's setting: T_F = T_B = T_W (a full backward B lasts T_B + T_W).
+EQUAL = {"F": 1, "I": 1, "W": 1, "B": 2}
+
+
+def _papers_figures(p: int, m: int) -> dict[str, tuple[str, str, str]]:
+    """The papers' closed forms at T_F = T_B = T_W: (bubble per unit of work, peak activations
+    in micro-batches, source), evaluated for ``p`` ranks and ``m`` micro-batches."""
+    from fractions import Fraction
+
+    def frac(x: Fraction) -> str:
+        return f"{float(x):.3f}"
+
+    return {
+        "1F1B": (f"(p-1)/m = {frac(Fraction(p - 1, m))}", f"p = {p}", "ZB paper, Sec. 2"),
+        "ZBH1": (f"(p-1)/3m = {frac(Fraction(p - 1, 3 * m))}", f"p = {p}", "ZB paper, Sec. 2.1"),
+        "ZBH2": ("0", f"2p-1 = {2 * p - 1}", "ZB paper, Sec. 2.2"),
+        "ZBVZeroBubble": ("0", f"p = {p}", "ZB paper, Sec. 6"),
+    }
+
+
+def _schedule_row(name: str, label: str, actions: dict, papers: dict) -> str:
+    from predictopt.pipeline.schedules import (
+        action_timeline,
+        bubble_fraction,
+        bubble_rate,
+        peak_activations,
+    )
+
+    tl_default = action_timeline(actions)
+    tl_equal = action_timeline(actions, durations=EQUAL)
+    peak = max(peak_activations(actions).values())
+    stale = _max_staleness_of(actions)
+    paper = papers.get(name, ("-", "-", "-"))
+    return (f"| {label} | {bubble_fraction(tl_default):.1%} | {bubble_rate(tl_equal):.3f} | "
+            f"{paper[0]} | {peak:g} | {paper[1]} | {stale} | {paper[2]} |")
+
+
+def _max_staleness_of(actions: dict) -> str:
+    """``max_i s(k, i)`` per stage k, from the rank orders (one update per micro-batch)."""
+    from predictopt.pipeline.schedules import _staleness_of_orders
+
+    table = _staleness_of_orders(list(actions.values()), 1)
+    return " ".join(str(max(v)) for _, v in sorted(table.items()))
+
+
+def schedule_table() -> str:
+    """Bubble, peak activation memory and staleness of every schedule, beside the papers'."""
+    from predictopt.pipeline.schedules import schedule_actions
+
+    p, m = SCHED_P, SCHED_M
+    papers = _papers_figures(p, m)
+    lines = [
+        f"{p} ranks, {m} micro-batches. *Bubble of the step*: idle / (ranks x makespan) with "
+        "F = 1, B = 2, I = W = 1 (`bubble_fraction`). *Per unit of work*: the Zero Bubble "
+        "paper's measure at T_F = T_B = T_W (`bubble_rate`: the longest rank span over the "
+        "busiest rank's work, minus 1). *Peak*: micro-batches of activations on the busiest "
+        "rank (`peak_activations`). *Max staleness*: per stage, one update per micro-batch.",
+        "",
+        "| schedule | bubble of the step | per unit of work | paper | peak activations | "
+        "paper | max staleness per stage | source |",
+        "|---|---:|---:|---|---:|---|---|---|",
+    ]
+    for name in ("1F1B", "ZBH1", "ZBH2", "InterleavedZeroBubble", "ZBVZeroBubble",
+                 "DualPipeV"):
+        acts = schedule_actions(name, p, m)
+        spr = len({a.stage for a in acts[0]})
+        label = name if spr == 1 else f"{name} ({p * spr} stages)"
+        lines.append(_schedule_row(name, label, acts, papers))
+    lines.append(_bitpipe_row(p, m))
+    return "\n".join(lines) + "\n"
+
+
+def _bitpipe_row(p: int, m: int) -> str:
+    """BitPipe: its own timeline (with the eager synchronisation), memory and staleness."""
+    from predictopt.pipeline import bitpipe as bp
+    from predictopt.pipeline.schedules import bubble_fraction, bubble_rate
+
+    step = bubble_fraction(bp.bitpipe_timeline(p, m))
+    work = bubble_rate(bp.bitpipe_timeline(p, m, durations={"F": 1, "B": 2}))
+    peak = max(bp.bitpipe_peak_activations(p, m).values())
+    table = bp.bitpipe_staleness(p, m)
+    stale = " ".join(str(max(max(table[("A", c)]), max(table[("B", c)]))) for c in range(2 * p))
+    return (f"| BitPipe ({2 * p} chunks, 2 copies) | {step:.1%} | {work:.3f} | - | {peak:g} "
+            f"(weights 2x) | - | {stale} | BitPipe paper |")
+
+
+#: The authors' figure of BitPipe (4 devices, micro-batches 1, 2 down and 3, 4 up, F = 1 unit,
+#: B = 2 units) ends at 28 units (docs/BitPipe_images/BitPipe-v.svg in wuhouming/BitPipe).
+BITPIPE_FIGURE_MAKESPAN = 28
+
+
+def bitpipe_table() -> str:
+    """BitPipe's makespan against the authors' figure, and per size with and without waits."""
+    from predictopt.pipeline import bitpipe as bp
+
+    def makespan(k: int, m: int, sync: bool = True) -> float:
+        return max(e.end for e in bp.bitpipe_timeline(k, m, durations={"F": 1, "B": 2},
+                                                       sync=sync))
+
+    lines = [f"The authors' figure (4 ranks, 4 micro-batches, F = 1, B = 2) ends at "
+             f"{BITPIPE_FIGURE_MAKESPAN} units; `bitpipe_actions` ends at "
+             f"{makespan(4, 4):g}, with device 1's order of the figure.", "",
+             "| ranks | micro-batches | makespan | without the synchronisation waits | "
+             "bubble of the step |", "|---:|---:|---:|---:|---:|"]
+    from predictopt.pipeline.schedules import bubble_fraction
+
+    for k, m in ((2, 4), (4, 4), (4, 8), (4, 16), (8, 16)):
+        frac = bubble_fraction(bp.bitpipe_timeline(k, m, durations={"F": 1, "B": 2}))
+        lines.append(f"| {k} | {m} | {makespan(k, m):g} | {makespan(k, m, False):g} | "
+                     f"{frac:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+#: The cost settings of the automatic scheduler's table: (label, T_F, T_B, T_W, T_comm).
+AUTO_SETTINGS = [("T_F = T_B = T_W = 1", 1.0, 1.0, 1.0, 0.0),
+                 ("T_F = 1, T_B = 1.5, T_W = 0.5, T_comm = 0.25", 1.0, 1.5, 0.5, 0.25)]
+
+
+def auto_table() -> str:
+    """The automatic scheduler's bubble for each memory limit, beside the handcrafted ones."""
+    from predictopt.pipeline import zero_bubble as zb
+    from predictopt.pipeline.schedules import action_timeline, bubble_rate, peak_activations
+
+    p, m = SCHED_P, SCHED_M
+
+    def rate(acts, tf, tb, tw, comm) -> str:
+        durations = {"F": tf, "I": tb, "W": tw, "B": tb + tw}
+        return f"{bubble_rate(action_timeline(acts, durations=durations, comm=comm)):.3f}"
+
+    head = " | ".join(label for label, *_ in AUTO_SETTINGS)
+    lines = [f"Bubble per unit of work, {p} ranks, {m} micro-batches:", "",
+             f"| schedule | peak activations | {head} |",
+             "|---|---:|" + "---:|" * len(AUTO_SETTINGS)]
+    fixed = [("1F1B (I then W)", zb.one_f_one_b(p, m)), ("ZB-H1", zb.zb_h1(p, m)),
+             ("ZB-H2", zb.zb_h2(p, m))]
+    for label, acts in fixed:
+        cells = " | ".join(rate(acts, *cfg) for _, *cfg in AUTO_SETTINGS)
+        lines.append(f"| {label} | {max(peak_activations(acts).values()):g} | {cells} |")
+    for mem in range(2, 2 * p):
+        cells = []
+        for _, tf, tb, tw, comm in AUTO_SETTINGS:
+            acts = zb.auto_schedule(p, m, t_f=tf, t_b=tb, t_w=tw, t_comm=comm, mem_limit=mem)
+            cells.append(rate(acts, tf, tb, tw, comm))
+        lines.append(f"| `auto_schedule(mem_limit={mem})` | {mem} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+#: Timelines drawn into docs/img (timeline_<name>.png) by `schedule_plots`.
+TIMELINES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
+             "DualPipeV", "ZBH1", "ZBH2")
+
+
+def schedule_plots() -> None:
+    """The schedules' timelines (F = 1, B = 2, I = W = 1)."""
+    from predictopt.pipeline.bitpipe import bitpipe_timeline
+    from predictopt.pipeline.schedules import render_timeline, timeline
+
+    for name in TIMELINES:
+        tl = timeline(name, SCHED_P, SCHED_M)
+        render_timeline(tl, DOCS / "img" / f"timeline_{name}.png",
+                        title=f"{name}, {SCHED_P} ranks, {SCHED_M} micro-batches")
+    render_timeline(bitpipe_timeline(SCHED_P, SCHED_M), DOCS / "img" / "timeline_BitPipe.png",
+                    title=f"BitPipe, {SCHED_P} ranks, {SCHED_M} micro-batches")
+
+
 def _study_generators() -> dict[str, Callable[[], str]]:
     gens: dict[str, Callable[[], str]] = {"methods-table": methods_table,
                                           "study-summary": study_summary,
@@ -270,7 +441,10 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,
-                                          "memory-table": memory_table}
+                                          "memory-table": memory_table,
+                                          "schedule-table": schedule_table,
+                                          "auto-schedule-table": auto_table,
+                                          "bitpipe-table": bitpipe_table}
     for stages, opt in STUDY_SETTINGS:
         gens[f"study-{stages}-{opt}"] = (lambda k=stages, o=opt: study_table(k, o))
     return gens
@@ -323,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     plots()
+    schedule_plots()
     print("rewrote " + (", ".join(stale) if stale else "nothing"))
     return 0
 

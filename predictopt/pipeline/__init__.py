@@ -2,6 +2,7 @@
 methods (:mod:`~predictopt.pipeline.methods`, one registry of :class:`Method` values), the
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
+from predictopt.pipeline.bitpipe import BITPIPE_SCHEDULE, BitPipeSimulator
 from predictopt.pipeline.methods import (
     DEFAULT_METHOD,
     Cadence,
@@ -23,13 +24,19 @@ from predictopt.pipeline.pb import (
     pb_staleness,
     pb_ticks,
 )
+from predictopt.pipeline.postvalidation import PostValidation
 from predictopt.pipeline.schedules import (
     SUPPORTED_SCHEDULES,
     Action,
     TimelineEntry,
+    action_timeline,
+    available_schedules,
     bubble_fraction,
+    bubble_rate,
     global_order,
     max_staleness,
+    peak_activations,
+    register_schedule,
     render_timeline,
     schedule_actions,
     stage_to_rank,
@@ -53,6 +60,7 @@ from predictopt.pipeline.simulator import (
     simulate,
     train,
 )
+from predictopt.pipeline.zero_bubble import auto_schedule, exact_schedule, zb_h1, zb_h2
 
 __all__ = [
     "SUPPORTED_SCHEDULES",
@@ -66,6 +74,18 @@ __all__ = [
     "stage_to_rank",
     "staleness",
     "timeline",
+    "action_timeline",
+    "available_schedules",
+    "bubble_rate",
+    "peak_activations",
+    "register_schedule",
+    "auto_schedule",
+    "exact_schedule",
+    "zb_h1",
+    "zb_h2",
+    "PostValidation",
+    "BITPIPE_SCHEDULE",
+    "BitPipeSimulator",
     "METHODS",
     "PIPELINE_METHODS",
     "LEAN_METHODS",

@@ -117,7 +117,7 @@ from torch.optim import Optimizer
 from ..optimizer import PredictiveOptimizer
 from .methods import DEFAULT_METHOD, Method, get_method
 from .schedules import (
-    _SCHEDULES,
+    _all_infos,
     _convert_torch_action,
     _resolve_schedule,
     schedule_actions,
@@ -212,8 +212,10 @@ def _schedule_stages(schedule: Any) -> list[Any]:
 def schedule_name(schedule: Any) -> str:
     """The :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES` name of a torch schedule object.
 
-    The class must be one of torch's native schedule classes or a subclass of one (the action
-    order is checked against the native one when the stage attaches).
+    The class must be one of torch's native schedule classes, one of predictopt's action-list
+    classes (:mod:`~predictopt.pipeline.action_schedule`: ``ScheduleZBH1``, ``ScheduleZBH2``,
+    registered schedules), or a subclass of one (the action order is checked against the
+    native one when the stage attaches).
 
     Raises:
         TypeError: not a torch pipeline schedule.
@@ -224,7 +226,7 @@ def schedule_name(schedule: Any) -> str:
         raise TypeError(f"expected a torch.distributed.pipelining schedule, got "
                         f"{type(schedule)!r}")
     classes = []
-    for info in _SCHEDULES:
+    for info in _all_infos():  # torch's classes, predictopt's action lists, registered ones
         try:
             _, cls = _resolve_schedule(info.name)
         except ValueError:  # not in the installed torch
@@ -235,9 +237,9 @@ def schedule_name(schedule: Any) -> str:
     for name, cls in classes:
         if isinstance(schedule, cls):
             return name
-    names = ", ".join(info.class_name for info in _SCHEDULES)
+    names = ", ".join(info.class_name for info in _all_infos())
     raise ValueError(f"PredictiveStage cannot run under {type(schedule).__name__}: its staleness "
-                     f"table is known for torch's native schedules only ({names})")
+                     f"table is known for these schedule classes only ({names})")
 
 
 def _native_order(schedule: Any, rank: int) -> list[Any] | None:
@@ -465,7 +467,9 @@ class PredictiveStage(PipelineStage):
 
     Drop-in for ``torch.distributed.pipelining.PipelineStage`` under torch's native schedules
     (``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``, ``ScheduleLoopedBFS``,
-    ``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``),
+    ``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``) and
+    predictopt's action lists run by torch (``ScheduleZBH1``, ``ScheduleZBH2``, registered
+    ones; :mod:`~predictopt.pipeline.action_schedule`),
     including several stages per rank and the I/W split of the zero-bubble schedules. It
     overrides ``forward_one_chunk``, ``backward_one_chunk`` and ``backward_weight_one_chunk``
     to call a :class:`~predictopt.pipeline.StageWorker`: forwards run on the method's weights

@@ -2,8 +2,11 @@
 
 This module derives, for any native schedule of `torch.distributed.pipelining`
 (``GPipe``, ``1F1B``, ``Interleaved1F1B``, ``LoopedBFS``, ``InterleavedZeroBubble``,
-``ZBVZeroBubble``, ``DualPipeV``), the ordered list of compute actions each rank executes, and from
-it
+``ZBVZeroBubble``, ``DualPipeV``) and for predictopt's action-list schedules, which torch's
+action-list runtime executes (``ZBH1``, ``ZBH2``: the Zero Bubble paper's handcrafted
+schedules, :mod:`~predictopt.pipeline.zero_bubble`; and any schedule added with
+`register_schedule`, e.g. one from the automatic scheduler), the ordered list of compute
+actions each rank executes, and from it
 
 * the *staleness* of every micro-batch at every stage (how many of the stage's own optimizer
   updates a micro-batch's forward is behind the update that will apply its gradient), which is the
@@ -14,9 +17,11 @@ it
 No process group is needed: multi-stage schedules are constructed with lightweight stand-in stage
 objects (torch computes the whole ``pipeline_order`` for all ranks in the constructor) and the
 single-stage schedules are derived from the loops their runtime ``_step_microbatches`` executes.
-All access to torch internals is confined to the private helpers of the "torch access" section
-(`_resolve_schedule`, `_construct`, `_convert_torch_action`,
-`_torch_compute_orders`), which raise a clear error if the installed torch differs.
+predictopt's own schedules are read back the same way from the torch schedule objects
+(:mod:`~predictopt.pipeline.action_schedule`) that run them. All access to torch internals is
+confined to the private helpers of the "torch access" section (`_resolve_schedule`,
+`_construct`, `_convert_torch_action`, `_torch_compute_orders`), which raise a clear error if
+the installed torch differs.
 
 Notation: ``K`` ranks, ``S = K * stages_per_rank`` global stages ``k = 0..S-1`` (0 is first),
 ``n`` micro-batches ``i = 0..n-1``. Action kinds: ``"F"`` forward, ``"B"`` full backward,
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,9 +43,14 @@ __all__ = [
     "Action",
     "SUPPORTED_SCHEDULES",
     "TimelineEntry",
+    "action_timeline",
+    "available_schedules",
     "bubble_fraction",
+    "bubble_rate",
     "global_order",
     "max_staleness",
+    "peak_activations",
+    "register_schedule",
     "render_timeline",
     "schedule_actions",
     "stage_to_rank",
@@ -79,14 +89,34 @@ class TimelineEntry(NamedTuple):
     action: Action
 
 
+#: ``build(num_ranks, n_microbatches) -> {rank: [Action, ...]}`` of a predictopt schedule.
+ScheduleBuilder = Callable[[int, int], Mapping[int, Sequence[Action]]]
+
+
 @dataclass(frozen=True)
 class _ScheduleInfo:
-    name: str  # canonical name accepted by torch's get_schedule_class
-    class_name: str  # attribute of torch.distributed.pipelining.schedules
+    name: str  # canonical name (torch's get_schedule_class name for torch's classes)
+    class_name: str  # attribute of torch.distributed.pipelining.schedules, or of ours
     multi_stage: bool
     placement: str  # "loop": stage s on rank s % K; "v": rank r holds r and 2K-1-r
     exact_stages_per_rank: int | None  # None = any allowed value
-    since: str  # first torch release shipping the class
+    since: str  # first torch release shipping the class (predictopt's: the runtime they use)
+    build: ScheduleBuilder | None = None  # predictopt's action-list schedules only
+    description: str = ""
+
+    @property
+    def provider(self) -> str:
+        """``"torch"`` (a native class) or ``"predictopt"`` (an action list torch runs)."""
+        return "torch" if self.build is None else "predictopt"
+
+
+def _zero_bubble(name: str) -> ScheduleBuilder:
+    def build(num_ranks: int, n: int) -> Mapping[int, Sequence[Action]]:
+        from . import zero_bubble
+
+        return zero_bubble.BUILTIN[name](num_ranks, n)
+
+    return build
 
 
 # Release in which each class first shipped (from the torch release history; GPipe, 1F1B,
@@ -101,11 +131,64 @@ _SCHEDULES: tuple[_ScheduleInfo, ...] = (
     ),
     _ScheduleInfo("ZBVZeroBubble", "ScheduleZBVZeroBubble", True, "v", 2, "2.6"),
     _ScheduleInfo("DualPipeV", "ScheduleDualPipeV", True, "v", 2, "2.8"),
+    # predictopt's action lists, run by torch's _PipelineScheduleRuntime (action_schedule.py)
+    _ScheduleInfo("ZBH1", "ScheduleZBH1", False, "loop", 1, "2.6", _zero_bubble("ZBH1"),
+                  "Zero Bubble ZB-H1: 1F1B with delayed W, 1F1B's peak memory"),
+    _ScheduleInfo("ZBH2", "ScheduleZBH2", False, "loop", 1, "2.6", _zero_bubble("ZBH2"),
+                  "Zero Bubble ZB-H2: extra warm-up forwards, up to 2p-1 in flight"),
 )
+_REGISTERED: list[_ScheduleInfo] = []
 _BY_LOWER = {info.name.lower(): info for info in _SCHEDULES}
 
-#: Schedule names accepted by this module (case-insensitive).
+#: Built-in schedule names accepted by this module (case-insensitive): torch's native classes
+#: and predictopt's action-list schedules. `available_schedules` adds the registered ones.
 SUPPORTED_SCHEDULES: tuple[str, ...] = tuple(info.name for info in _SCHEDULES)
+
+
+def _all_infos() -> tuple[_ScheduleInfo, ...]:
+    return _SCHEDULES + tuple(_REGISTERED)
+
+
+def available_schedules() -> tuple[str, ...]:
+    """Every schedule name: `SUPPORTED_SCHEDULES`, then those added by `register_schedule`."""
+    return tuple(info.name for info in _all_infos())
+
+
+def register_schedule(name: str, build: ScheduleBuilder, *, description: str = "") -> str:
+    """Make an action-list schedule with one stage per rank known to predictopt by name.
+
+    The schedule then works wherever a schedule name is accepted: `staleness`, `timeline`,
+    ``PipelineSimulator(schedule=name)``, ``build_pipeline(..., name)`` and the Lightning
+    strategy; torch runs it through :func:`~predictopt.pipeline.action_schedule.schedule_class`
+    (``name``). Register it in every process (like a method).
+
+    Args:
+        name: A new name (letters, digits, ``-``, ``_``; case-insensitive, not a built-in one).
+        build: ``build(num_ranks, n_microbatches) -> {rank: [Action, ...]}``; rank ``r`` holds
+            stage ``r``; every rank runs one ``F`` and one completed backward (``B``, or ``I``
+            then ``W``) per micro-batch, ``F(i)`` before it (e.g.
+            :func:`~predictopt.pipeline.zero_bubble.auto_schedule` with fixed costs).
+        description: One line shown in listings.
+
+    Returns:
+        The name.
+
+    Raises:
+        ValueError: a bad or taken name, or ``build`` not callable.
+    """
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"name must be a non-empty str of letters, digits, '-' and '_', "
+                         f"got {name!r}")
+    if name.lower() in _BY_LOWER:
+        raise ValueError(f"schedule name {name!r} is taken; taken names: "
+                         f"{', '.join(available_schedules())}")
+    if not callable(build):
+        raise ValueError("build must be callable: (num_ranks, n_microbatches) -> "
+                         "{rank: [Action, ...]}")
+    info = _ScheduleInfo(name, f"Schedule{name}", False, "loop", 1, "2.6", build, description)
+    _REGISTERED.append(info)
+    _BY_LOWER[name.lower()] = info
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,20 +222,19 @@ def _schedules_module() -> Any:
     return sched_mod
 
 
-def _resolve_schedule(schedule: str) -> tuple[_ScheduleInfo, type]:
-    """Map a schedule name to its info record and torch class.
+def _resolve_schedule_info(schedule: str) -> _ScheduleInfo:
+    """The info record of a schedule name (case-insensitive).
 
     Raises:
-        ValueError: unknown name, a torch schedule this module does not handle, or a schedule
-            missing from the installed torch (naming the release that introduced it).
+        ValueError: not a str, or an unknown name (the message lists the accepted ones and says
+            whether torch knows the name).
     """
     if not isinstance(schedule, str):
         raise ValueError(f"schedule must be a str, got {type(schedule).__name__}")
-    accepted = ", ".join(SUPPORTED_SCHEDULES)
-    sched_mod = _schedules_module()
-    get_cls = getattr(sched_mod, "get_schedule_class", None)  # torch >= 2.5
     info = _BY_LOWER.get(schedule.lower())
     if info is None:
+        accepted = ", ".join(available_schedules())
+        get_cls = getattr(_schedules_module(), "get_schedule_class", None)  # torch >= 2.5
         known_to_torch = False
         if get_cls is not None:
             try:
@@ -160,12 +242,32 @@ def _resolve_schedule(schedule: str) -> tuple[_ScheduleInfo, type]:
                 known_to_torch = True
             except ValueError:
                 pass
-        what = (
-            "is a torch schedule not supported by predictopt" if known_to_torch else ("is unknown")
-        )
+        what = "is a torch schedule not supported by predictopt" if known_to_torch else \
+            "is unknown"
         raise ValueError(
             f"schedule {schedule!r} {what}; accepted names (case-insensitive): {accepted}"
         )
+    return info
+
+
+def _resolve_schedule(schedule: str) -> tuple[_ScheduleInfo, type]:
+    """Map a schedule name to its info record and torch class.
+
+    Raises:
+        ValueError: unknown name, a torch schedule this module does not handle, or a schedule
+            missing from the installed torch (naming the release that introduced it).
+    """
+    info = _resolve_schedule_info(schedule)
+    sched_mod = _schedules_module()
+    if info.build is not None:
+        if not hasattr(sched_mod, "_PipelineScheduleRuntime"):  # pragma: no cover - old torch
+            raise ValueError(f"schedule {info.name!r} runs on torch's _PipelineScheduleRuntime, "
+                             f"which needs torch >= {info.since}, but the installed torch is "
+                             f"{_torch_version()}")
+        from . import action_schedule
+
+        return info, action_schedule.schedule_class(info.name)
+    get_cls = getattr(sched_mod, "get_schedule_class", None)  # torch >= 2.5
     cls = None
     if get_cls is not None:
         try:
@@ -337,7 +439,7 @@ def _torch_compute_orders(
     info, cls = _resolve_schedule(schedule)
     num_stages = num_ranks * spr
 
-    if not info.multi_stage:
+    if info.build is None and not info.multi_stage:
         # Let torch check its own constraints (e.g. 1F1B needs n_microbatches >= num_stages).
         _construct(cls, _fake_stage(0, num_stages, 0, num_ranks), n_microbatches)
         # Derived from the runtime loops rather than from torch's IR (`pipeline_order`):
@@ -357,8 +459,9 @@ def _torch_compute_orders(
     local = [s for s in sorted(placement) if placement[s] == 0]
     stages = [_fake_stage(s, num_stages, 0, num_ranks) for s in local]
     sched = _construct(cls, stages, n_microbatches)
-    # Multi-stage schedules compute `pipeline_order` for *all* ranks in the constructor, then
-    # lower it to `pipeline_order_with_comms`, which is what `_PipelineScheduleRuntime` runs.
+    # Multi-stage schedules (and predictopt's action-list ones) compute `pipeline_order` for
+    # *all* ranks in the constructor, then lower it to `pipeline_order_with_comms`, which is
+    # what `_PipelineScheduleRuntime` runs.
     # Lowering only inserts SEND/RECV/UNSHARD/RESHARD/REDUCE_GRAD, never reorders compute.
     orders = getattr(sched, "pipeline_order_with_comms", None) or getattr(
         sched, "pipeline_order", None
@@ -481,6 +584,12 @@ def staleness(
         raise ValueError(
             f"update_every ({update_every}) must divide n_microbatches ({n_microbatches})"
         )
+    return _staleness_of_orders(orders, update_every)
+
+
+def _staleness_of_orders(orders: Sequence[Sequence[Action]],
+                         update_every: int) -> dict[int, list[int]]:
+    """`staleness` of per-rank orders (each rank's list in execution order)."""
     result: dict[int, list[int]] = {}
     for acts in orders:
         stages = sorted({a.stage for a in acts})
@@ -500,7 +609,7 @@ def staleness(
                     s_k[a.microbatch] = applying - fwd_version[a.microbatch]
                     if completed % update_every == 0:
                         updates += 1
-            result[k] = [s_k[i] for i in range(n_microbatches)]
+            result[k] = [s_k[i] for i in sorted(s_k)]
     return dict(sorted(result.items()))
 
 
@@ -529,6 +638,9 @@ def max_staleness(
 
 _DEFAULT_DURATIONS: dict[str, float] = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 
+#: A duration per action kind: one number for every stage, or one per stage.
+Durations = Mapping[str, "float | Sequence[float]"]
+
 
 def _dependencies(a: Action, num_stages: int, bwd_kind: dict[tuple[int, int], str]) -> list:
     """Cross-action dependencies of ``a`` as keys ``(kind, stage, microbatch)``."""
@@ -543,18 +655,35 @@ def _dependencies(a: Action, num_stages: int, bwd_kind: dict[tuple[int, int], st
     return [("I", a.stage, a.microbatch)]  # W
 
 
-def timeline(
-    schedule: str,
-    num_ranks: int,
-    n_microbatches: int,
-    *,
-    stages_per_rank: int | None = None,
-    durations: Mapping[str, float] | None = None,
-) -> list[TimelineEntry]:
-    """Simulate one step: each rank runs its action list in order, one action at a time.
+def _duration_table(durations: Durations | None, num_stages: int) -> dict[str, list[float]]:
+    """``{kind: [duration of stage 0, ...]}`` from a mapping of numbers or per-stage lists."""
+    table = {k: [v] * num_stages for k, v in _DEFAULT_DURATIONS.items()}
+    for kind, value in (durations or {}).items():
+        if kind not in ACTION_KINDS:
+            raise ValueError(f"durations has unknown action kind {kind!r}; use {ACTION_KINDS}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            table[kind] = [float(value)] * num_stages
+        elif isinstance(value, Sequence) and len(value) == num_stages:
+            table[kind] = [float(v) for v in value]
+        else:
+            raise ValueError(f"durations[{kind!r}] must be a number or one number per stage "
+                             f"({num_stages}), got {value!r}")
+    for kind, values in table.items():
+        if not all(v > 0 for v in values):
+            raise ValueError(f"durations[{kind!r}] must be > 0, got {values}")
+    return table
 
-    An action starts at the later of its rank becoming free and its dependencies finishing
-    (transfers take no time):
+
+def action_timeline(
+    actions: Mapping[int, Sequence[Action]],
+    *,
+    durations: Durations | None = None,
+    comm: float = 0.0,
+) -> list[TimelineEntry]:
+    """Simulate per-rank action lists: each rank runs its list in order, one action at a time.
+
+    An action starts at the later of its rank becoming free and its dependencies finishing,
+    plus ``comm`` for a dependency on another rank:
 
     * ``F(k, i)`` needs ``F(k-1, i)``;
     * ``B(k, i)`` / ``I(k, i)`` need ``F(k, i)`` and the backward (``B`` or ``I``) of
@@ -563,35 +692,30 @@ def timeline(
 
     This is the earliest-start (longest-path) schedule of the dependency graph with the per-rank
     order fixed, so the result does not depend on the order in which the simulation visits
-    ranks. An ``OVERLAP_F_B`` pair of DualPipeV is simulated as its two actions back to back.
-
-    The arguments ``schedule``, ``num_ranks``, ``n_microbatches`` and ``stages_per_rank`` are
-    those of `schedule_actions`.
+    ranks, and shortening any duration can only make actions start earlier.
 
     Args:
-        durations: time per action kind; defaults to ``{"F": 1, "B": 2, "I": 1, "W": 1}``.
-            Kinds not given keep their default. All must be > 0.
+        actions: ``{rank: [Action, ...]}`` (e.g. `schedule_actions`), one ``F`` and one
+            completed backward per (stage, micro-batch).
+        durations: time per action kind, a number or one per stage; defaults to
+            ``{"F": 1, "B": 2, "I": 1, "W": 1}`` (kinds not given keep their default). All > 0.
+        comm: transfer time of an activation or gradient between two ranks (>= 0).
 
     Returns:
         ``[TimelineEntry(rank, start, end, action), ...]`` in rank order, then execution order.
 
     Raises:
-        ValueError: bad arguments or non-positive durations.
-        RuntimeError: the action lists deadlock (cannot happen for torch's schedules).
+        ValueError: non-positive durations or a negative ``comm``.
+        RuntimeError: the action lists deadlock (a rank waits for an action that waits for it).
     """
-    dur = dict(_DEFAULT_DURATIONS)
-    if durations is not None:
-        for kind, value in durations.items():
-            if kind not in ACTION_KINDS:
-                raise ValueError(f"durations has unknown action kind {kind!r}; use {ACTION_KINDS}")
-            dur[kind] = float(value)
-    for kind, value in dur.items():
-        if not value > 0:
-            raise ValueError(f"durations[{kind!r}] must be > 0, got {value}")
-
-    orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
-    num_stages = 1 + max(a.stage for acts in orders for a in acts)
+    orders = [list(actions[r]) for r in sorted(actions)]
+    ranks = sorted(actions)
+    num_stages = 1 + max((a.stage for acts in orders for a in acts), default=-1)
+    dur = _duration_table(durations, max(num_stages, 1))
+    if isinstance(comm, bool) or not isinstance(comm, (int, float)) or comm < 0:
+        raise ValueError(f"comm must be a number >= 0, got {comm!r}")
     bwd_kind = {(a.stage, a.microbatch): a.kind for acts in orders for a in acts if a.kind in "BI"}
+    rank_of = {a.stage: r for r, acts in zip(ranks, orders) for a in acts}
 
     end_of: dict[tuple[str, int, int], float] = {}
     pos = [0] * len(orders)
@@ -600,24 +724,52 @@ def timeline(
     remaining = sum(len(acts) for acts in orders)
     while remaining:
         progressed = False
-        for r, acts in enumerate(orders):
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
+        for j, acts in enumerate(orders):
+            while pos[j] < len(acts):
+                a = acts[pos[j]]
                 deps = _dependencies(a, num_stages, bwd_kind)
                 if any(d not in end_of for d in deps):
                     break
-                start = max([free[r], *(end_of[d] for d in deps)])
-                end = start + dur[a.kind]
+                start = max([free[j], *(end_of[d] + (comm if rank_of[d[1]] != ranks[j] else 0.0)
+                                       for d in deps)])
+                end = start + dur[a.kind][a.stage]
                 end_of[(a.kind, a.stage, a.microbatch)] = end
-                entries[r].append(TimelineEntry(r, start, end, a))
-                free[r] = end
-                pos[r] += 1
+                entries[j].append(TimelineEntry(ranks[j], start, end, a))
+                free[j] = end
+                pos[j] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
-            stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(orders) if pos[r] < len(acts)}
+            stuck = {ranks[j]: str(acts[pos[j]]) for j, acts in enumerate(orders)
+                     if pos[j] < len(acts)}
             raise RuntimeError(f"action lists deadlock; ranks blocked at {stuck}")
     return [e for rank_entries in entries for e in rank_entries]
+
+
+def timeline(
+    schedule: str,
+    num_ranks: int,
+    n_microbatches: int,
+    *,
+    stages_per_rank: int | None = None,
+    durations: Durations | None = None,
+    comm: float = 0.0,
+) -> list[TimelineEntry]:
+    """Simulate one step of a schedule: `action_timeline` of its `schedule_actions`.
+
+    The arguments ``schedule``, ``num_ranks``, ``n_microbatches`` and ``stages_per_rank`` are
+    those of `schedule_actions`; ``durations`` and ``comm`` those of `action_timeline`. An
+    ``OVERLAP_F_B`` pair of DualPipeV is simulated as its two actions back to back.
+
+    Returns:
+        ``[TimelineEntry(rank, start, end, action), ...]`` in rank order, then execution order.
+
+    Raises:
+        ValueError: bad arguments or non-positive durations.
+        RuntimeError: the action lists deadlock (cannot happen for the supported schedules).
+    """
+    orders = _compute_orders(schedule, num_ranks, n_microbatches, stages_per_rank)
+    return action_timeline(dict(enumerate(orders)), durations=durations, comm=comm)
 
 
 def global_order(
@@ -668,6 +820,61 @@ def bubble_fraction(tl: list[TimelineEntry]) -> float:
     busy = sum(e.end - e.start for e in tl)
     total = len(ranks) * makespan
     return (total - busy) / total
+
+
+def bubble_rate(tl: list[TimelineEntry]) -> float:
+    r"""Bubble per unit of work, the Zero Bubble paper's measure: $\max_r S_r / \max_r C_r - 1$.
+
+    $S_r$ is rank $r$'s span (end of its last action minus start of its first) and $C_r$ its
+    busy time. A rank's span, not the step's makespan, is what repeats from step to step once
+    nothing synchronises the ranks at the optimizer step (asynchronous per-stage updates, or
+    optimizer post-validation), so a parallelogram-shaped schedule has no bubble. With
+    $T_F = T_B = T_W$ (``durations={"F": 1, "I": 1, "W": 1, "B": 2}``), $p$ ranks and $m \ge p$
+    micro-batches: 1F1B $(p-1)/m$, ZB-H1 $(p-1)/3m$, ZB-H2 $0$.
+
+    Args:
+        tl: output of `timeline` or `action_timeline`.
+
+    Returns:
+        A float ``>= 0``; 0 for an empty timeline.
+    """
+    if not tl:
+        return 0.0
+    spans: dict[int, list[float]] = {}
+    busy: dict[int, float] = {}
+    for e in tl:
+        lo_hi = spans.setdefault(e.rank, [e.start, e.end])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], e.start), max(lo_hi[1], e.end)
+        busy[e.rank] = busy.get(e.rank, 0.0) + (e.end - e.start)
+    return max(0.0, max(hi - lo for lo, hi in spans.values()) / max(busy.values()) - 1.0)
+
+
+def peak_activations(actions: Mapping[int, Sequence[Action]]) -> dict[int, float]:
+    """Peak activation memory of every rank, in micro-batches of the rank's whole layers.
+
+    Walking a rank's list, a micro-batch's activations at a stage are held from its ``F`` to
+    its completed backward (``B``, or ``W``: the weight gradient still needs the saved inputs).
+    A rank holding ``c`` stages (chunks) counts each held (stage, micro-batch) as ``1/c``, so
+    the numbers compare across placements: 1F1B's rank 0 holds ``p``, ZB-H2's ``2p - 1``.
+
+    Args:
+        actions: ``{rank: [Action, ...]}``.
+
+    Returns:
+        ``{rank: peak}``.
+    """
+    out: dict[int, float] = {}
+    for r, acts in actions.items():
+        chunks = len({a.stage for a in acts}) or 1
+        held = peak = 0
+        for a in acts:
+            if a.kind == "F":
+                held += 1
+                peak = max(peak, held)
+            elif a.kind in ("B", "W"):
+                held -= 1
+        out[r] = peak / chunks
+    return out
 
 
 _COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#DD8452", "W": "#8172B3"}
@@ -743,7 +950,8 @@ def render_timeline(
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="later chunk"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     bubble = bubble_fraction(tl)
-    ax.set_title(f"{title + ' - ' if title else ''}bubble {bubble:.1%}")
+    ax.set_title(f"{title + ' - ' if title else ''}bubble {bubble:.1%} of the step, "
+                 f"{bubble_rate(tl):.1%} of the work per rank")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
