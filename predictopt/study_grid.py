@@ -15,7 +15,8 @@ from .study import LMConfig, RunCache, run_grid
 #: Every method, in the settings at 8 stages.
 ALL_METHODS: tuple[str, ...] = (
     "sequential", "pipedream", "pipeoptim", "nesterov-dl", "sequential-nesterov-dl",
-    "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl", "qh-dl",
+    "qh-dl", "sequential-qh-dl",
+    "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl",
     "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc")
 #: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
 #: strongest and this project's candidate).
@@ -23,7 +24,8 @@ CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nester
                                  "nesterov", "pipemare", "dc-asgd")
 #: The methods with Muon (those that convert the optimizer do not apply to it).
 MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
-                                 "pipeoptim-qh-dl", "pipedream-dl", "pipemare", "dc-asgd")
+                                 "sequential-qh-dl", "pipeoptim-qh-dl", "pipedream-dl",
+                                 "pipemare", "dc-asgd")
 #: (stages, optimizer, methods), in the order they run; methods a setting cannot run are
 #: skipped (:func:`predictopt.study.applicable`).
 PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (

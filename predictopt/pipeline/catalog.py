@@ -240,3 +240,8 @@ register_method(Method(
     transforms=(NesterovMomentum(), DelayScaledLR(delays="1f1b")),
     summary="staleness-free twin of nesterov-dl (same optimizer and per-stage learning rates, "
             "no pipeline)", source="this project"))
+register_method(Method(
+    "sequential-qh-dl", staleness_free=True,
+    transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR(delays="1f1b")),
+    summary="staleness-free twin of qh-dl (same update rule and per-stage learning rates, no "
+            "pipeline)", source="this project"))
