@@ -429,3 +429,16 @@ def registered_equivalence_worker(rank: int, world_size: int, configs: list[dict
     """:func:`equivalence_worker` after registering the test schedule on this rank."""
     ensure_test_schedule()
     return equivalence_worker(rank, world_size, configs)
+
+
+def determinism_worker(rank: int, world_size: int, threads: list[int]) -> dict[str, Any]:
+    """``check_determinism`` with the given intra-op threads per rank: its warnings."""
+    import warnings
+
+    from predictopt.pipeline.runtime import check_determinism
+
+    torch.set_num_threads(threads[rank])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        settings = check_determinism()
+    return {"settings": settings, "warnings": [str(w.message) for w in caught]}

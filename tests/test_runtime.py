@@ -605,3 +605,16 @@ def test_warns_once_about_the_per_tensor_optimizer_loop(one_rank, monkeypatch) -
         gp = PredictiveStage(m2, 0, 1, "cpu", optimizer=OPTIMIZERS["adamw"](m2.parameters()),
                              method="gpipe")
         runtime.attach(make_native([gp], "1F1B", 4))  # one update per step: no warning
+
+
+@pytest.mark.timeout(120)
+def test_check_determinism_warns_when_thread_counts_differ() -> None:
+    same = _dist.launch(_dist.determinism_worker, 2, [1, 1], timeout=90.0)
+    diff = _dist.launch(_dist.determinism_worker, 2, [1, 2], timeout=90.0)
+    for res in same + diff:
+        assert res["ok"], res.get("error")
+    assert all(not r["value"]["warnings"] for r in same)
+    for r in diff:
+        msgs = r["value"]["warnings"]
+        assert len(msgs) == 1 and "threads (rank 0: 1, rank 1: 2)" in msgs[0]
+        assert [s["threads"] for s in r["value"]["settings"]] == [1, 2]
