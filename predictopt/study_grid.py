@@ -26,10 +26,18 @@ CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nester
 MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
                                  "sequential-qh-dl", "pipeoptim-qh-dl", "pipedream-dl",
                                  "pipemare", "dc-asgd")
-#: (stages, optimizer, methods), in the order they run; methods a setting cannot run are
-#: skipped (:func:`predictopt.study.applicable`).
+#: The methods that decide the default (the references, the paper baselines, the candidates).
+DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
+                                     "sequential-qh-dl", "nesterov-dl")
+#: (stages, optimizer, methods), in the order they run (what decides the default first, so a
+#: partial run is useful); methods a setting cannot run are skipped
+#: (:func:`predictopt.study.applicable`); what is cached already is not run again.
 PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
+    (8, "adamw", DECIDING_METHODS), (8, "sgd", DECIDING_METHODS),
+    (8, "muon", DECIDING_METHODS), (8, "adamw", ALL_METHODS),
+    (4, "adamw", DECIDING_METHODS[:4]), (16, "adamw", DECIDING_METHODS[:4]),
+    (4, "sgd", DECIDING_METHODS[:4]), (16, "sgd", DECIDING_METHODS[:4]),
+    (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
     (4, "adamw", CORE_METHODS + ("qh-dl",)), (4, "sgd", CORE_METHODS + ("qh-dl",)),
     (16, "adamw", CORE_METHODS + ("qh-dl",)), (16, "sgd", CORE_METHODS + ("qh-dl",)),
     (4, "muon", MUON_METHODS[:4]), (16, "muon", MUON_METHODS[:4]))

@@ -51,7 +51,7 @@ from lightning_plugin import (  # noqa: E402
     PipeOptimStrategy,
 )
 from predictopt.data import mlp_stages  # noqa: E402
-from predictopt.pipeline import PREDICTING_METHODS, PipelineSimulator  # noqa: E402
+from predictopt.pipeline import DEFAULT_METHOD, PREDICTING_METHODS, PipelineSimulator  # noqa: E402
 
 IN, HID, OUT = 8, 8, 4
 N_DATA = 64
@@ -233,7 +233,7 @@ def clip_stage(optimizer: torch.optim.Optimizer, value: float) -> None:
 
 
 def simulate(*, num_stages: int = 2, schedule: str = "1F1B", n: int = 4, batch: int = 8,
-             epochs: int = 1, method: str = "pipeoptim", sched: str = "none",
+             epochs: int = 1, method: str = DEFAULT_METHOD, sched: str = "none",
              update_every: int | None = None, clip: float | None = None
              ) -> tuple[list[nn.Module], list[float], PipelineSimulator]:
     """The same training in one process: stage modules, per-batch mean losses, simulator."""
@@ -250,8 +250,8 @@ def simulate(*, num_stages: int = 2, schedule: str = "1F1B", n: int = 4, batch: 
         made = make_schedulers(inner, sched, updates)
         per_update = [s for s, i in made if i == "step"]
         epoch_scheds += [s for s, i in made if i == "epoch"]
-        for s in per_update:
-            inner.register_step_post_hook(lambda *_a, s=s: s.step())
+        for s in per_update:  # after the update, once the method restored any lr it scaled
+            w.after_update.append(lambda _w, s=s: s.step())
         if len(per_update) == 1 and method in PREDICTING_METHODS:
             w.optimizer.attach_scheduler(per_update[0])  # the strategy's schedule-aware default
     ds = dataset()

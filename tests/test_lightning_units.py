@@ -54,6 +54,7 @@ from lightning_plugin.user_steps import (  # noqa: E402
     redirect_forward,
 )
 from predictopt.data import mlp_stages  # noqa: E402
+from predictopt.pipeline import DEFAULT_METHOD  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Registration and the private-API surface
@@ -69,7 +70,7 @@ def test_registered_names() -> None:
     for name in names:
         assert name in StrategyRegistry
     s = StrategyRegistry.get("pipeoptim_gpipe")
-    assert isinstance(s, PipeOptimStrategy) and s.schedule == "GPipe" and s.method == "pipeoptim"
+    assert isinstance(s, PipeOptimStrategy) and s.schedule == "GPipe" and s.method == DEFAULT_METHOD
     t = pl.Trainer(strategy="pipeoptim", accelerator="cpu", devices=2, logger=False)
     assert t.strategy._start_method == "spawn"  # under pytest
     assert t.strategy.timeout.total_seconds() == 120.0

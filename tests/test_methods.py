@@ -344,8 +344,34 @@ def test_quasi_hyperbolic_momentum_for_sgd(nu, steps, seed):
         b = g.clone() if b is None else 0.9 * b + g
         ref = ref - 0.05 * (nu * b + (1 - nu) * g / (1 - 0.9))
     torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="quasi-hyperbolic"):
-        qh.prepare(torch.optim.SGD([p], lr=0.1), ctx())
+    plain = torch.optim.SGD([p], lr=0.1)  # no momentum: the formula is SGD itself
+    assert qh.prepare(plain, ctx()) is plain
+
+
+def test_quasi_hyperbolic_momentum_elsewhere_raises_or_warns():
+    """strict: an optimizer it does not apply to is an error at construction, naming it;
+    strict=False: a warning, and the optimizer updates exactly as it does alone."""
+    p = torch.nn.Parameter(torch.ones(3))
+    for opt in (torch.optim.RMSprop([p], lr=0.1, momentum=0.9),
+                torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)):
+        with pytest.raises(ValueError, match=f"quasi-hyperbolic.*got {type(opt).__name__}"):
+            QuasiHyperbolicMomentum(0.5).prepare(opt, ctx())
+    with pytest.raises(TypeError, match="strict"):
+        QuasiHyperbolicMomentum(0.5, strict=1)
+    from predictopt.pipeline.methods import UpdateContext
+
+    qh = QuasiHyperbolicMomentum(0.5, strict=False)
+    q = torch.nn.Parameter(torch.ones(3))
+    bare = torch.optim.RMSprop([q], lr=0.1, momentum=0.9)
+    opt = torch.optim.RMSprop([p], lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match="updates as it is"):
+        assert qh.prepare(opt, ctx()) is opt
+    for g in (torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -1.0])):
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        qh.after_step(ctx(), UpdateContext(opt, [p], 0))
+        bare.step()
+    assert torch.equal(p, q)
 
 
 def test_quasi_hyperbolic_delay_split_is_spike_compensation_for_sgd():
@@ -514,3 +540,65 @@ def test_discrepancy_correction_reads_the_extrapolated_weights_in_the_backward()
     with pytest.raises(ValueError, match="backward = 'current'"):
         StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1),
                     method=spec.with_(name="bad", backward="forward"), staleness=[0])
+
+
+def test_a_scheduler_inside_a_scaled_update_is_reported_and_after_update_is_exact():
+    """A method that scales the lr for its updates (delay-scaled lr) restores it after each; a
+    scheduler hooked to ``optimizer.step`` steps inside that window and reads the scaled lr:
+    the worker warns once. Stepped from ``after_update`` it sees the user's lr, and the lr
+    after k updates is the schedule's own."""
+    import warnings
+
+    from predictopt.pipeline import PipelineSimulator
+
+    def run(hook: str) -> PipelineSimulator:
+        sim = PipelineSimulator(mlp_stages(4, 8, 3, 3, seed=0),
+                                lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                method="qh-dl", n_microbatches=4,
+                                loss_fn=torch.nn.functional.cross_entropy)
+        for w in sim.workers:
+            inner = w.optimizer.optimizer if hasattr(w.optimizer, "optimizer") else w.optimizer
+            sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)
+            if hook == "step":
+                inner.register_step_post_hook(lambda *_a, s=sched: s.step())
+            else:
+                w.after_update.append(lambda _w, s=sched: s.step())
+        sim.step(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)),
+                 torch.arange(8) % 3)
+        return sim
+
+    with pytest.warns(UserWarning, match="scheduler hooked to optimizer.step"):
+        run("step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim = run("after_update")
+    for w in sim.workers:
+        assert w.optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** w.num_updates
+
+
+def test_an_after_step_correction_skips_an_update_the_optimizer_skipped():
+    """GradScaler (and Lightning's 16-bit precision) skip the optimizer step of an overflowed
+    batch; quasi-hyperbolic momentum's correction must skip with it: the weights stay as they
+    were, finite, and the next update runs as usual."""
+    from predictopt.pipeline import PipelineSimulator
+
+    torch.manual_seed(0)
+    sim = PipelineSimulator(mlp_stages(4, 8, 3, 2, seed=0),
+                            lambda ps: torch.optim.AdamW(ps, lr=0.01),
+                            method="qh-dl", n_microbatches=2,
+                            loss_fn=torch.nn.functional.cross_entropy)
+    x, y = torch.randn(4, 4), torch.arange(4) % 3
+    sim.step(x, y)  # momentum state exists: the correction would move the weights
+    inner = [w.optimizer.optimizer for w in sim.workers]
+    before = [p.detach().clone() for w in sim.workers for p in w.params]
+    for o in inner:
+        o.step = lambda *a, **k: None  # what GradScaler does with an inf gradient
+    sim.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(before, [p for w in sim.workers
+                                                        for p in w.params]))
+    for o in inner:
+        del o.step
+    sim.step(x, y)
+    after = [p for w in sim.workers for p in w.params]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert not all(torch.equal(p, q) for p, q in zip(before, after))

@@ -435,7 +435,7 @@ def test_constructor_and_attach_errors(one_rank) -> None:
         PredictiveStage(m, 0, 1, "cpu", optimizer=opt, dw_builder=lambda: None)
     # what is known at construction fails at construction
     with pytest.raises(ValueError, match="update_every must be 1 for method 'pipeoptim'"):
-        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, update_every=2)
+        PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="pipeoptim", update_every=2)
     with pytest.raises(ValueError, match="update_every must be >= the number of stages"):
         PredictiveStage(m, 0, 4, "cpu", optimizer=opt, method="pipedream-2bw", update_every=2)
     with pytest.raises(ValueError, match="predicting methods only"):
@@ -448,7 +448,7 @@ def test_constructor_and_attach_errors(one_rank) -> None:
     stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="xpipe", update_every=3)
     with pytest.raises(ValueError, match="must divide"):
         runtime.attach(make_native([stage], "GPipe", 4))
-    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, horizons=[1, 1])
+    stage = PredictiveStage(m, 0, 1, "cpu", optimizer=opt, method="pipeoptim", horizons=[1, 1])
     with pytest.raises(ValueError, match="horizons"):
         runtime.attach(make_native([stage], "GPipe", 4))
 

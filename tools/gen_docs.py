@@ -201,6 +201,45 @@ def study_twins() -> str:
     return ("\n".join(lines) + "\n") if n else "(twin runs not in docs/results yet)\n"
 
 
+def study_goal() -> str:
+    """The default method against the goal of the study in every setting that has it."""
+    from predictopt.pipeline.methods import DEFAULT_METHOD
+    from predictopt.study import aggregate
+
+    records = _records()
+    lines = [f"The default method, `{DEFAULT_METHOD}`, in every setting of the study (goal: within "
+             "0.05 nats of `sequential` and an iso-loss overhead <= 1.10x at 8 stages with AdamW "
+             "and momentum SGD; never worse than `pipedream` anywhere):", "",
+             "| setting | seeds | gap to `sequential` | iso-loss overhead | gap to `pipedream` "
+             "| gap to its staleness-free twin | goal |", "|---|---:|---:|---:|---:|---:|---|"]
+    n = 0
+    for stages, opt in STUDY_SETTINGS:
+        twin = f"sequential-{DEFAULT_METHOD}"
+        s = aggregate(records, _cfg(stages, opt),
+                      ["sequential", "pipedream", DEFAULT_METHOD, twin], SEEDS)
+        if DEFAULT_METHOD not in s or "sequential" not in s:
+            continue
+        n += 1
+        d, r = s[DEFAULT_METHOD], s["sequential"]
+        gap = d.final_mean - r.final_mean
+        o = d.overhead_mean
+        all_reached = o is not None and len(d.reached) == len(d.overhead)
+        over = "never" if o is None else f"{o:.2f}x" + ("" if all_reached else "*")
+        pd = s.get("pipedream")
+        vs_pd = "" if pd is None else f"{d.final_mean - pd.final_mean:+.3f}"
+        checks = []
+        if pd is not None:
+            checks.append("better than pipedream" if d.final_mean < pd.final_mean
+                          else "**not better than pipedream**")
+        if stages == 8 and opt in ("adamw", "sgd"):
+            met = gap <= 0.05 and all_reached and o <= 1.10
+            checks.insert(0, "met" if met else "**not met**")
+        vs_twin = "" if twin not in s else f"{d.final_mean - s[twin].final_mean:+.3f}"
+        lines.append(f"| {stages} stages, {opt} | {len(d.seeds)} | {gap:+.3f} | {over} | "
+                     f"{vs_pd} | {vs_twin} | {'; '.join(checks)} |")
+    return ("\n".join(lines) + "\n") if n else "(no runs of the default method yet)\n"
+
+
 def _machine(m: dict) -> str:
     return (f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
             f"{m.get('torch', '?')}, {m.get('date', '?')}, load average "
@@ -442,6 +481,7 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "digits-table": digits_table,
                                           "pb-results": pb_results,
                                           "study-twins": study_twins,
+                                          "study-goal": study_goal,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

@@ -221,12 +221,12 @@ register_method(Method(
     transforms=(NesterovMomentum(), DelayScaledLR()),
     summary="nesterov-dl with predicted forward weights", source="this project"))
 register_method(Method(
-    "qh-dl", transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR()),
+    "qh-dl", transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()),
     summary="quasi-hyperbolic momentum (nu 0.5), learning rate / (1 + delay), weight stashing",
     source="this project"))
 register_method(Method(
     "pipeoptim-qh-dl", forward="predicted",
-    transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR()),
+    transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()),
     summary="qh-dl with predicted forward weights", source="this project"))
 register_method(Method(
     "pipeoptim-sc", forward="predicted", transforms=(SpikeCompensation(),),
@@ -242,6 +242,6 @@ register_method(Method(
             "no pipeline)", source="this project"))
 register_method(Method(
     "sequential-qh-dl", staleness_free=True,
-    transforms=(QuasiHyperbolicMomentum(0.5), DelayScaledLR(delays="1f1b")),
+    transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR(delays="1f1b")),
     summary="staleness-free twin of qh-dl (same update rule and per-stage learning rates, no "
             "pipeline)", source="this project"))

@@ -79,6 +79,8 @@ weights, optimizers, micro-batch split and loss function.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -425,6 +427,20 @@ class StageWorker:
         #: scaled is restored and the gradients are cleared (e.g. a learning-rate scheduler
         #: stepped once per update: it then sees the optimizer's own ``lr``).
         self.after_update: list[Any] = []
+        self._warned_lr = False
+        #: Steps the stage optimizer really made: an ``after_step`` transform corrects an update
+        #: only when the optimizer made it (GradScaler and Lightning's 16-bit precision skip
+        #: the step of a batch whose gradients overflowed, and the correction must skip too).
+        self._steps_made = 0
+        if self._after:
+            ref = weakref.ref(self)
+
+            def _made(*_args: Any) -> None:
+                worker = ref()
+                if worker is not None:
+                    worker._steps_made += 1
+
+            self.optimizer.optimizer.register_step_post_hook(_made)
 
         self._chunks: dict[int, _Chunk] = {}
         self._forwarded: set[int] = set()  # micro-batches forwarded in the current step
@@ -802,15 +818,28 @@ class StageWorker:
                 ctx = self._update_context()
                 for t in self._before:
                     t.before_step(self.context, ctx)
+            made = self._steps_made
             self.optimizer.step()
-            if self._after:
+            if self._after and self._steps_made != made:
                 ctx = self._update_context()
                 for t in self._after:
                     t.after_step(self.context, ctx)
         finally:
+            changed = False
             for g, lr, mine in zip(groups, saved, scaled):
                 if g["lr"] is mine:  # unless something (a scheduler hooked to the step) set it
                     g["lr"] = lr
+                else:
+                    changed = True
+            if changed and scale != 1.0 and not self._warned_lr:
+                self._warned_lr = True
+                warnings.warn(
+                    f"stage {self.context.stage}: the learning rate was set during the update (a "
+                    f"scheduler hooked to optimizer.step?) while method {self.method!r} scaled it "
+                    f"by {scale:g} for that update, so the scheduler read the scaled value and "
+                    f"the new learning rate is kept as it set it. Step schedulers after "
+                    f"schedule.step() or in after_update_hooks (docs: Pipeline methods)",
+                    stacklevel=3)
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0
         self._covered.clear()

@@ -38,6 +38,7 @@ setting the learning rate the converted one uses.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -284,21 +285,31 @@ class QuasiHyperbolicMomentum(StageTransform):
     Args:
         nu: $\nu \in [0, 1]$; ``"delay"`` for $\nu = \beta_1^{D}$ (Spike Compensation's split:
             an undelayed stage keeps its optimizer).
+        strict: Raise at construction of the stage when the optimizer (or a part of a
+            `~predictopt.combined.CombinedOptimizer`) is not one of those above; with
+            ``strict=False`` such an optimizer is left as it is, with a warning. SGD without
+            momentum is always left as it is, silently: it has no momentum to mix the gradient
+            into, and the formula gives its own update for every $\nu$.
     """
 
-    def __init__(self, nu: float | str = 0.5) -> None:
+    def __init__(self, nu: float | str = 0.5, *, strict: bool = True) -> None:
         if nu != "delay":
             nu = _number(nu, "nu", high=1.0)
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {strict!r}")
         self.nu = nu
+        self.strict = strict
 
     @staticmethod
     def _kind(part: Optimizer) -> str | None:
         if isinstance(part, _ADAM_LIKE) and not isinstance(part, torch.optim.NAdam):
             return "adam"
-        if isinstance(part, torch.optim.SGD) and all(
-                g.get("momentum", 0) and not g.get("nesterov") and not g.get("dampening", 0)
-                for g in part.param_groups):
-            return "sgd"
+        if isinstance(part, torch.optim.SGD):
+            if all(not g.get("momentum", 0) for g in part.param_groups):
+                return "keep"  # no momentum: the formula is SGD's own update
+            if all(g.get("momentum", 0) and not g.get("nesterov") and not g.get("dampening", 0)
+                   for g in part.param_groups):
+                return "sgd"
         muon = getattr(torch.optim, "Muon", None)
         if muon is not None and isinstance(part, muon):
             return "keep"  # Muon: Nesterov momentum already, orthogonalised; left as it is
@@ -312,10 +323,14 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
         kinds = [self._kind(p) for p in self._parts(optimizer)]
-        if None in kinds or set(kinds) == {"keep"}:
-            raise ValueError(f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD "
-                             f"(without nesterov or dampening), also as parts of a "
-                             f"CombinedOptimizer beside Muon; got {optimizer!r}")
+        if None in kinds:
+            msg = (f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD (without "
+                   f"nesterov or dampening), also as parts of a CombinedOptimizer beside Muon; "
+                   f"got {type(optimizer).__name__}")
+            if self.strict:
+                raise ValueError(f"{msg}: {optimizer!r}")
+            warnings.warn(f"{msg} on stage {ctx.stage}: that optimizer updates as it is "
+                          f"(pass strict=True to make this an error)", stacklevel=2)
         return optimizer
 
     def _nu(self, group: dict[str, Any], ctx: StageContext) -> float:
