@@ -320,3 +320,32 @@ def test_stage_workspace_changes_no_bit(method, monkeypatch, small_threshold) ->
     assert l1 == l2
     for p, q in zip(w1, w2, strict=True):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run by benchmarks/gpu.sh: pytest -k cuda)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt_name", ["adamw", "adamw-fused", "nadam", "radam", "sgd-momentum"])
+def test_engine_equals_reference_on_cuda(opt_name, dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).cuda())
+              for s in [(300, 200), (70000,), (5,)]]
+    opt = OPTIMIZERS[opt_name](params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype).cuda()
+        opt.step()
+    ref = reference_predict(opt, 2)
+    ws = Workspace()
+    for _ in range(2):
+        _assert_equal(predict(opt, 2, workspace=ws), ref)
+    popt = PredictiveOptimizer(opt, steps=2, calibrate=False)
+    real = [p.detach().clone() for p in params]
+    popt.predict_(2)
+    _assert_equal({p: p.detach() for p in params}, ref)
+    popt.restore_()
+    assert all(torch.equal(p, r) for p, r in zip(params, real))
