@@ -4,6 +4,8 @@ For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule)
 ``nn.Linear`` layers (~200 tensors, ~25M parameters with ``--size full``, ~2M with ``small``):
 
 * ``step``: one ``optimizer.step()`` of the bare optimizer with ``foreach=True``;
+* ``fused AdamW step``: one step of ``AdamW(..., fused=True)`` on the same parameters (the
+  yardstick of issue 11: predict_+restore_ should cost at most half of it on CPU);
 * ``wrapped step``: ``PredictiveOptimizer(calibrate=False).step()`` (differs only for rules that
   record updates);
 * ``calibrated step``: ``step()`` of the default, calibrated wrapper (``s = 1``: one calibration
@@ -19,7 +21,13 @@ Memory: bytes of the saved real weights (held while predicted) and the peak extr
 during ``predict_`` (CUDA: ``torch.cuda.max_memory_allocated``; CPU: allocator events of the
 torch profiler).
 
-Run: ``python benchmarks/bench_predict.py [--device cpu|cuda] [--size small|full] [--repeats N]``.
+Results go to ``--out``; by default to ``benchmarks/results/predict_cost_<device>.json``, or,
+where that file exists already, to a new file beside it named with the date (`fresh_path`), so a
+run never overwrites committed figures unless asked to. ``tools/gen_docs.py`` renders the docs'
+table from ``predict_cost_cpu.json``.
+
+Run: ``python -m benchmarks.bench_predict [--device cpu|cuda] [--size small|full] [--repeats N]
+[--out PATH]`` (``--size small --repeats 3`` for a quick check).
 """
 
 from __future__ import annotations
@@ -205,7 +213,7 @@ def check_equivalence(popt: PredictiveOptimizer, case: Case, steps: int) -> floa
     return worst
 
 
-VARIANTS = ["step", "wrapped_step", "calibrated_step", "predict", "restore", "loop"]
+VARIANTS = ["step", "fused_step", "wrapped_step", "calibrated_step", "predict", "restore", "loop"]
 
 
 def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case, steps: int,
@@ -213,8 +221,12 @@ def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case,
               ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Round-robin timings (ms) and minor page faults of every variant, ``repeats`` each."""
     calibrated = PredictiveOptimizer(opt, steps=steps, rule=case.rule)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fused = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+    fused.step()  # its state exists before the timing
     calls: dict[str, Callable[[], object]] = {
         "step": opt.step,
+        "fused_step": fused.step,
         "wrapped_step": popt.step,
         "calibrated_step": calibrated.step,
         "predict": lambda: popt.predict_(steps),
@@ -256,6 +268,19 @@ def allocator_peak(events: list[Any]) -> tuple[int, int]:
             cur += e.nbytes()
             peak = max(peak, cur)
     return peak, cur
+
+
+def fresh_path(default: Path, out: Path | str | None = None) -> Path:
+    """Where a benchmark writes: ``out`` when given (it may replace a file: asked for), else
+    ``default`` unless it exists, else a new file beside it named with the date and time
+    (``predict_cost_cpu-20261205-1412.json``), so that committed results are never overwritten
+    by default."""
+    if out is not None:
+        return Path(out)
+    if not default.exists():
+        return default
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return default.with_name(f"{default.stem}-{stamp}{default.suffix}")
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -393,22 +418,21 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def timing_table(results: list[dict]) -> str:
-    adamw = next((r for r in results if r["case"] == "adamw"), None)
-    adamw_step = adamw["median_ms"]["step"] if adamw else None
-    head = ("| case | step ms | wrapped step ms | calibrated step ms | predict_ ms | restore_ ms "
-            "| predict+restore ms | (p+r) / step | (p+r) / AdamW step | loop ms | loop / (p+r) "
+    head = ("| case | step ms | fused AdamW step ms | wrapped step ms | calibrated step ms "
+            "| predict_ ms | restore_ ms | predict+restore ms | (p+r) / step "
+            "| (p+r) / fused AdamW step | loop ms | loop / (p+r) "
             "| page faults (k): step, p+r, loop |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         m, f = r["median_ms"], r["median_minor_faults"]
         pr = m["predict_restore"]
         faults = ", ".join(f"{x / 1e3:.0f}" for x in
                            (f["step"], f["predict"] + f["restore"], f["loop"]))
         lines.append(
-            f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} "
+            f"| {r['case']} | {m['step']:.1f} | {m['fused_step']:.1f} | {m['wrapped_step']:.1f} "
             f"| {m['calibrated_step']:.1f} | {m['predict']:.1f} "
             f"| {m['restore']:.1f} | {pr:.1f} | {pr / m['step']:.2f} "
-            f"| {_fmt_ratio(pr / adamw_step if adamw_step else None)} | {m['loop']:.1f} "
+            f"| {pr / m['fused_step']:.2f} | {m['loop']:.1f} "
             f"| {m['loop'] / pr:.2f} | {faults} |"
         )
     return "\n".join(lines)
@@ -442,7 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="also print the profiler's top operators of each variant")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON path (default: benchmarks/results/predict_<device>.json)")
+                    help="JSON path (default: benchmarks/results/predict_cost_<device>.json, or "
+                         "a new dated file beside it if that exists)")
     return ap.parse_args(argv)
 
 
@@ -469,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()},
               "results": results}
     print()
-    write_report(args.out or RESULTS / f"predict_{args.device}.json", report)
+    write_report(fresh_path(RESULTS / f"predict_cost_{args.device}.json", args.out), report)
     return report
 
 

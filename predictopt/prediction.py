@@ -21,6 +21,15 @@ copy plus one chunk's temporaries, instead of the saved copy plus the temporarie
 Within a chunk the foreach kernels still process many small tensors per call. Chunking changes no
 value: every kernel works tensor by tensor.
 
+Passes: on CPU, a large contiguous tensor is predicted one tensor at a time, straight into the
+tensor the caller gets (or in place, for `predict_`): $a w$ by ``torch.mul(..., out=)`` (skipped
+when $a = 1$) and the direction by one ``addcdiv``/``add`` (``out=`` when $a = 1$); Adam's
+denominator $\sqrt{v}/r + \epsilon$ is formed in one scratch buffer reused for every tensor
+(`SqrtQuotient`). Every kernel is the one the former engine ran (on CPU ``_foreach`` kernels run
+tensor by tensor), in the same order on the same operands, so the bits are those of the plain
+formulation, `reference_predict`, which the tests compare it with. Small tensors and other
+devices keep the ``_foreach`` kernels (many tensors per call; on CUDA one launch for all).
+
 Complex parameters are predicted through their real views (``torch.view_as_real``), with the
 state's complex tensors viewed the same way, as torch's optimizers compute their updates: the
 prediction of a complex parameter equals that of its real twin.
@@ -36,17 +45,31 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .rules import PredictionRule, Quotient, Scaled, _check_steps, _value, get_rule
+from .rules import (
+    PredictionRule,
+    Quotient,
+    Scaled,
+    SqrtQuotient,
+    _adam_denominators,
+    _check_steps,
+    _value,
+    get_rule,
+)
+from .workspace import Workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import PredictiveOptimizer
 
-__all__ = ["coefficients", "predict", "predict_", "restore_"]
+__all__ = ["coefficients", "predict", "predict_", "reference_predict", "restore_"]
 
 #: Upper bound on the parameter bytes of one chunk (see the module docstring).
 CHUNK_BYTES = 64 * 2**20
 #: A chunk holds at most this fraction of all the predicted parameters' bytes.
 CHUNK_FRACTION = 16
+#: Contiguous CPU tensors of at least this many elements are predicted one by one with ``out=``
+#: kernels straight into their output (no copy pass, Adam's denominator in a reused scratch
+#: buffer); smaller ones, and tensors on other devices, with ``_foreach`` kernels over the chunk.
+PER_TENSOR_NUMEL = 1 << 15
 
 def coefficients(lrs: Sequence[float], decay: float = 0.0) -> tuple[float, float]:
     r"""The coefficients $(a, C)$ of $\hat w = a w - C D$ for the given future lrs.
@@ -179,47 +202,47 @@ def _tensors(ds: Any) -> Any:
     return ds.tensors if isinstance(ds, Scaled) else ds
 
 
-@torch.no_grad()
-def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
-            rule: str | PredictionRule | None = None,
-            lrs: Sequence[Sequence[float]] | None = None) -> dict[Tensor, Tensor]:
-    r"""The predicted value of every parameter, $\hat w(s)$, changing nothing.
-
-    Args:
-        optimizer: A bare ``torch.optim.Optimizer`` or a `PredictiveOptimizer` (whose
-            rule, scheduler and calibration are then used unless ``rule`` is given).
-        steps: The horizon ``s >= 0``.
-        rule: A rule name or object; default: the wrapper's rule, else the optimizer's default.
-        lrs: Per parameter group, the ``s`` future learning rates (schedule-aware prediction).
-
-    Returns:
-        A dict from each parameter to a tensor without autograd history: a new tensor holding
-        $\hat w$ where the rule has a direction, else ``p.detach()`` (the current value,
-        sharing storage). Feed it to `torch.func.functional_call`.
-    """
-    steps = _check_steps(steps)
-    inner, rule_obj = _unwrap(optimizer, rule)
-    if lrs is not None:
-        _check_group_lrs(lrs, inner, steps)
-    elif inner is not optimizer:
-        lrs = optimizer._future_lrs(steps)
-    result: dict[Tensor, Tensor] = {
-        p: p.detach() for g in inner.param_groups for p in g["params"]
-    }
-    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
-    for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
-        out = _copy(targets)
-        _apply_(out, ds, a, c)
-        result.update((p, torch.view_as_complex(o) if p.is_complex() else o)
-                      for p, o in zip(ps, out))
-        del ds
-    return result
+# ---------------------------------------------------------------------------------------------
+# The kernels: w_hat = a w - C D, into an output (or in place)
+# ---------------------------------------------------------------------------------------------
 
 
-def _apply_(targets: list[Tensor], ds: Any, a: Any, c: Any) -> None:
-    # The one place the prediction is computed, in place on ``targets`` (the parameters, or an
-    # exact copy of them for predict()), so predict() and predict_() agree bit for bit: torch's
-    # in-place and out-of-place foreach kernels round differently in low precision.
+def _pick(x: Any, idx: list[int]) -> Any:
+    """The entries ``idx`` of a per-tensor list, or of a direction (scalars stay as they are)."""
+    if isinstance(x, list):
+        return [x[i] for i in idx]
+    if isinstance(x, Quotient):
+        return Quotient(*(_pick(f, idx) for f in x))
+    if isinstance(x, SqrtQuotient):
+        return SqrtQuotient(_pick(x.numerators, idx), _pick(x.second_moments, idx),
+                            _pick(x.roots, idx), x.eps, _pick(x.divisors, idx))
+    if isinstance(x, Scaled):
+        return Scaled(_pick(x.tensors, idx), _pick(x.scales, idx))
+    return x
+
+
+def _materialised(ds: Any) -> Any:
+    """``ds`` with an `SqrtQuotient` turned into the `Quotient` of its denominators."""
+    if isinstance(ds, SqrtQuotient):
+        return Quotient(ds.numerators, _adam_denominators(ds.second_moments, ds.roots, ds.eps),
+                        ds.divisors)
+    return ds
+
+
+def _operands(ds: Any) -> list[list[Tensor]]:
+    """The tensors a direction reads, one list per tensor of the chunk."""
+    if isinstance(ds, Quotient):
+        return [list(x) for x in zip(ds.numerators, ds.denominators)]
+    if isinstance(ds, SqrtQuotient):
+        return [list(x) for x in zip(ds.numerators, ds.second_moments)]
+    return [[t] for t in _tensors(ds)]
+
+
+def _reference_apply_(targets: list[Tensor], ds: Any, a: Any, c: Any) -> None:
+    """The plain formulation, in place on ``targets``: ``_foreach`` kernels over the chunk, the
+    denominators of an `SqrtQuotient` materialised. It is what the engine ran before the
+    per-tensor kernels, and what they are tested against bit for bit (`reference_predict`)."""
+    ds = _materialised(ds)
     if isinstance(a, list):
         if any(x != 1.0 for x in a):
             torch._foreach_mul_(targets, a)
@@ -239,6 +262,147 @@ def _apply_(targets: list[Tensor], ds: Any, a: Any, c: Any) -> None:
         torch._foreach_add_(targets, ds, alpha=-c)
 
 
+def _one(out: Tensor, w: Tensor, ds: Any, i: int, ai: float, ci: float,
+         scratch: Workspace) -> None:
+    r"""``out = a_i w - C_i D_i`` for tensor ``i`` of the chunk, with the kernels (and so the
+    bits) of `_reference_apply_`: $a_i w$ by ``mul`` unless $a_i = 1$, then one ``addcdiv`` or
+    ``add``, out of place into ``out`` when $a_i = 1$ (``out`` may be ``w``)."""
+    if ai != 1.0:
+        torch.mul(w, ai, out=out)
+        w = out
+    if isinstance(ds, (Quotient, SqrtQuotient)):
+        if isinstance(ds, SqrtQuotient):
+            v = ds.second_moments[i]
+            den = scratch.scratch(v.numel(), v.dtype, v.device).view(v.shape)
+            torch.sqrt(v, out=den)
+            den.div_(ds.roots[i])
+            den.add_(ds.eps)
+        else:
+            den = ds.denominators[i]
+        torch.addcdiv(w, ds.numerators[i], den, value=-ci / ds.divisors[i], out=out)
+    else:
+        k = ds.scales[i] if isinstance(ds, Scaled) else 1.0
+        torch.add(w, _tensors(ds)[i], alpha=-(ci * k), out=out)
+
+
+def _apply(outs: list[Tensor], targets: list[Tensor], ds: Any, a: Any, c: Any,
+           scratch: Workspace) -> None:
+    """``outs[i] = a_i targets[i] - C_i D_i`` for one chunk; ``outs`` may be ``targets`` (in
+    place). Large contiguous CPU tensors one by one (`_one`), the others with the ``_foreach``
+    kernels of `_reference_apply_`; the same bits either way."""
+    n = len(targets)
+    inplace = outs is targets
+    ops = _operands(ds)
+    big = [i for i, t in enumerate(targets)
+           if t.device.type == "cpu" and t.numel() >= PER_TENSOR_NUMEL and t.is_contiguous()
+           and outs[i].is_contiguous() and all(x.is_contiguous() for x in ops[i])]
+    chosen = set(big)
+    rest = [i for i in range(n) if i not in chosen] if big else list(range(n))
+    al = a if isinstance(a, list) else [a] * n
+    cl = c if isinstance(c, list) else [c] * n
+    for i in big:
+        _one(outs[i], targets[i], ds, i, float(al[i]), float(cl[i]), scratch)
+    if rest:
+        sub = targets if len(rest) == n else [targets[i] for i in rest]
+        out = sub if inplace else (outs if len(rest) == n else [outs[i] for i in rest])
+        if not inplace:
+            torch._foreach_copy_(out, sub)
+        if len(rest) == n:
+            _reference_apply_(out, ds, a, c)
+        else:
+            _reference_apply_(out, _pick(ds, rest), _pick(a, rest), _pick(c, rest))
+
+
+def _empty(ts: list[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(t, memory_format=torch.preserve_format) for t in ts]
+
+
+def _check_workspace(workspace: Any) -> Workspace | None:
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be None or a predictopt.workspace.Workspace, got "
+                        f"{type(workspace).__name__}")
+    return workspace
+
+
+@torch.no_grad()
+def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
+            rule: str | PredictionRule | None = None,
+            lrs: Sequence[Sequence[float]] | None = None,
+            workspace: Workspace | None = None) -> dict[Tensor, Tensor]:
+    r"""The predicted value of every parameter, $\hat w(s)$, changing nothing.
+
+    Each predicted tensor is computed in one kernel sequence straight into the tensor returned
+    (see the module docstring); the bits are those of `reference_predict`.
+
+    Args:
+        optimizer: A bare ``torch.optim.Optimizer`` or a `PredictiveOptimizer` (whose
+            rule, scheduler and calibration are then used unless ``rule`` is given).
+        steps: The horizon ``s >= 0``.
+        rule: A rule name or object; default: the wrapper's rule, else the optimizer's default.
+        lrs: Per parameter group, the ``s`` future learning rates (schedule-aware prediction).
+        workspace: A `predictopt.workspace.Workspace` to take the output tensors (key
+            ``("predict", p)``) and the scratch space from, so that repeated predictions reuse
+            their memory; default: fresh tensors.
+
+    Returns:
+        A dict from each parameter to a tensor without autograd history: a new tensor holding
+        $\hat w$ where the rule has a direction, else ``p.detach()`` (the current value,
+        sharing storage). Feed it to `torch.func.functional_call`.
+
+    Raises:
+        TypeError: ``workspace`` is not a ``Workspace``.
+    """
+    steps = _check_steps(steps)
+    ws = _check_workspace(workspace)
+    inner, rule_obj = _unwrap(optimizer, rule)
+    if lrs is not None:
+        _check_group_lrs(lrs, inner, steps)
+    elif inner is not optimizer:
+        lrs = optimizer._future_lrs(steps)
+    result: dict[Tensor, Tensor] = {
+        p: p.detach() for g in inner.param_groups for p in g["params"]
+    }
+    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    scratch = ws if ws is not None else Workspace()
+    for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
+        if ws is None:
+            bufs = _empty(ps)
+        else:
+            bufs = [ws.buffer(("predict", p), p) for p in ps]
+        outs = [_real(b) for b in bufs]
+        _apply(outs, targets, ds, a, c, scratch)
+        result.update(zip(ps, bufs))
+        del ds
+    return result
+
+
+@torch.no_grad()
+def reference_predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
+                      rule: str | PredictionRule | None = None,
+                      lrs: Sequence[Sequence[float]] | None = None) -> dict[Tensor, Tensor]:
+    """`predict` in the plain formulation: an exact copy of the parameters, then the
+    ``_foreach`` kernels of the whole chunk in place on it, the denominators materialised
+    (the engine before the per-tensor kernels). Slower; kept as the reference the engine is
+    tested against bit for bit. Arguments as `predict`."""
+    steps = _check_steps(steps)
+    inner, rule_obj = _unwrap(optimizer, rule)
+    if lrs is not None:
+        _check_group_lrs(lrs, inner, steps)
+    elif inner is not optimizer:
+        lrs = optimizer._future_lrs(steps)
+    result: dict[Tensor, Tensor] = {
+        p: p.detach() for g in inner.param_groups for p in g["params"]
+    }
+    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
+        out = _copy(targets)
+        _reference_apply_(out, ds, a, c)
+        result.update((p, torch.view_as_complex(o) if p.is_complex() else o)
+                      for p, o in zip(ps, out))
+        del ds
+    return result
+
+
 def _copy(ps: list[Tensor]) -> list[Tensor]:
     return torch._foreach_mul(ps, 1.0)  # exact copy (x * 1.0 == x bit for bit), one kernel
 
@@ -255,9 +419,10 @@ def predict_(optimizer: Optimizer, rule: PredictionRule, steps: int,
     the predicted weights cannot silently be back-propagated after the restore.
     """
     saved = []
+    scratch = Workspace()
     for _gi, _ps, targets, ds, a, c in _work(optimizer, rule, steps, lrs, scales):
         real = _copy(targets)
-        _apply_(targets, ds, a, c)
+        _apply(targets, targets, ds, a, c, scratch)
         saved.append((targets, real))
         del ds
     return saved
@@ -273,9 +438,10 @@ def displacements(optimizer: Optimizer, rule: PredictionRule, steps: int,
     expressed). Changes nothing; the temporaries are those of one chunk at a time, the result
     one copy of the predicted parameters."""
     out: dict[int, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    scratch = Workspace()
     for gi, ps, targets, ds, a, c in _work(optimizer, rule, steps, lrs, groups=groups):
-        disp = _copy(targets)
-        _apply_(disp, ds, a, c)
+        disp = _empty(targets)
+        _apply(disp, targets, ds, a, c, scratch)
         torch._foreach_sub_(disp, targets)
         del ds
         pp, ts, dd = out.setdefault(gi, ([], [], []))

@@ -57,6 +57,7 @@ __all__ = [
     "OBSERVED_KEY",
     "Quotient",
     "Scaled",
+    "SqrtQuotient",
 ]
 
 #: Key of the per-parameter optimizer state in which `ObservedUpdateRule` keeps its
@@ -73,6 +74,22 @@ class Quotient(NamedTuple):
     divisors: list[float]
 
 
+class SqrtQuotient(NamedTuple):
+    r"""Adam's direction, kept unmaterialised:
+    $D_i = n_i / ((\sqrt{v_i} / r_i + \epsilon)\, q_i)$, with $n_i$ the first moment, $v_i$
+    the second, $r_i = \sqrt{1 - \beta_2^t}$ and $q_i = 1 - \beta_1^t$ (or another divisor).
+
+    The engine forms each denominator in a reused scratch buffer, tensor by tensor, in torch's
+    order (``sqrt``, then ``/ r``, then ``+ eps``: the bits of `Quotient` with materialised
+    denominators), and applies it with one ``addcdiv``."""
+
+    numerators: list[Tensor]
+    second_moments: list[Tensor]
+    roots: list[float]
+    eps: float
+    divisors: list[float]
+
+
 class Scaled(NamedTuple):
     r"""A direction with a per-tensor factor: $D_i = k_i\,t_i$, applied as
     ``p.add_(t_i, alpha=-C k_i)`` (e.g. Muon's shape-dependent lr adjustment)."""
@@ -81,7 +98,7 @@ class Scaled(NamedTuple):
     scales: list[float]
 
 
-Directions = tuple[list[Tensor], "list[Tensor] | Quotient | Scaled"]
+Directions = tuple[list[Tensor], "list[Tensor] | Quotient | SqrtQuotient | Scaled"]
 
 
 def _value(x: Any) -> float:
@@ -338,8 +355,7 @@ class AdamRule(PredictionRule):
         beta1, beta2 = (_value(b) for b in group["betas"])
         bc1 = [1 - beta1**t for t in steps]
         bc2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
-        denom = _adam_denominators(v, bc2_sqrt, _value(group["eps"]))
-        return ps, Quotient(m, denom, bc1)
+        return ps, SqrtQuotient(m, v, bc2_sqrt, _value(group["eps"]), bc1)
 
 
 class AdamaxRule(PredictionRule):
@@ -402,9 +418,8 @@ class NAdamRule(AdamRule):
             bc1 = 1 - beta1**t
             coef.append((1.0 - mu) / (1.0 - prod) / bc1
                         + mu_next / (1.0 - prod * mu_next) * (beta1 + (1 - beta1) / bc1))
-        denom = _adam_denominators(v, [math.sqrt(1 - beta2**t) for t in steps],
-                                   _value(group["eps"]))
-        return ps, Quotient(m, denom, [1.0 / c for c in coef])
+        return ps, SqrtQuotient(m, v, [math.sqrt(1 - beta2**t) for t in steps],
+                                _value(group["eps"]), [1.0 / c for c in coef])
 
 
 class RAdamRule(AdamRule):

@@ -474,6 +474,172 @@ def schedule_plots() -> None:
                     title=f"BitPipe, {SCHED_P} ranks, {SCHED_M} micro-batches")
 
 
+# ---------------------------------------------------------------------------------------------
+# docs/benchmarks.md: every table from a file under benchmarks/results/
+# ---------------------------------------------------------------------------------------------
+
+BENCH = ROOT / "benchmarks" / "results"
+
+
+def _bench(name: str) -> dict | None:
+    """``benchmarks/results/NAME``, or None when it does not exist yet."""
+    path = BENCH / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _not_measured(name: str, command: str) -> str:
+    return (f"(not measured yet: run `{command}`, which writes `benchmarks/results/{name}`, "
+            "then `python tools/gen_docs.py`)\n")
+
+
+def _from_result(name: str, command: str) -> Callable[[Callable[[dict, str], str]],
+                                                      Callable[[], str]]:
+    """A generator rendering ``benchmarks/results/NAME`` with ``fn(data, name)``, or saying
+    that it is not measured yet (and the ``command`` that measures it)."""
+    def wrap(fn: Callable[[dict, str], str]) -> Callable[[], str]:
+        def gen() -> str:
+            d = _bench(name)
+            return _not_measured(name, command) if d is None else fn(d, name)
+
+        gen.__doc__ = fn.__doc__
+        return gen
+
+    return wrap
+
+
+def _machine_of(m: dict) -> str:
+    """One line: date, CPU (or GPU), cores, torch threads, torch, load average."""
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    load = m.get("load_average_at_start", m.get("load_average_start"))
+    threads = f", torch threads {m['torch_threads']}" if "torch_threads" in m else ""
+    return (f"{m.get('date', '?')}: {m.get('cpu', '?')} ({m.get('cores', '?')} cores"
+            f"{threads}){gpu}, torch {m.get('torch', '?')}, {m.get('platform', '?')}, load "
+            f"average {load} at start")
+
+
+def _predict_table(d: dict, name: str) -> str:
+    """predict_+restore_ against the optimizer steps (benchmarks/bench_predict.py output)."""
+    c, r0 = d["config"], d["results"][0]
+    m0 = r0["median_ms"]
+    fused = "fused_step" in m0
+    lines = [f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; {r0['tensors']} "
+             f"tensors, {r0['params'] / 1e6:.1f}M fp32 parameters, s = {c['steps']}, median of "
+             f"{c['repeats']} round-robin repeats):", "",
+             "| case | step ms" + (" | fused AdamW step ms" if fused else "")
+             + " | wrapped step ms | predict_ ms | restore_ ms | predict+restore ms "
+             "| (p+r) / step" + (" | (p+r) / fused AdamW step" if fused else "")
+             + " | loop ms | loop / (p+r) | peak extra in predict_ / params |",
+             "|---" + "|---:" * (9 + 2 * fused) + "|"]
+    for r in d["results"]:
+        m = r["median_ms"]
+        pr = m["predict_restore"]
+        peak = r["memory"]["peak_extra_over_params"]
+        lines.append(
+            f"| {r['case']} | {m['step']:.1f}" + (f" | {m['fused_step']:.1f}" if fused else "")
+            + f" | {m['wrapped_step']:.1f} | {m['predict']:.1f} | {m['restore']:.1f} | "
+            f"{pr:.1f} | {pr / m['step']:.2f}"
+            + (f" | {pr / m['fused_step']:.2f}" if fused else "")
+            + f" | {m['loop']:.1f} | {m['loop'] / pr:.2f} | "
+            + ("n/a" if peak is None else f"{peak:.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: The cost of predict_+restore_ with the one-pass engine.
+bench_predict_cost = _from_result("predict_cost_cpu.json",
+                                  "python -m benchmarks.bench_predict")(_predict_table)
+#: The same benchmark before the one-pass engine and the chunking.
+bench_predict_previous = _from_result(
+    "predict_cpu.json",
+    "python -m benchmarks.bench_predict --out benchmarks/results/predict_cpu.json")(_predict_table)
+
+
+@_from_result("predict_memory_cpu.json", "python -m benchmarks.bench_predict_memory")
+def bench_predict_memory(d: dict, name: str) -> str:
+    """Peak memory and time of the chunked engine against one chunk per bucket."""
+    lines = [f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; median of "
+             f"{d['config']['rounds']} rounds, min-max in parentheses):", "",
+             "| model | optimizer | variant | peak / params | peak / bucket | predict+restore ms "
+             "median (min-max) | time / bucket |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        for v in r["median_ms"]:
+            lines.append(f"| {r['model']} | {r['optimizer']} | {v} | "
+                         f"{r['median_peak_over_params'][v]:.3f} | "
+                         f"{r['peak_vs_baseline'][v]:.2f} | {r['median_ms'][v]:.1f} "
+                         f"({r['min_ms'][v]:.1f}-{r['max_ms'][v]:.1f}) | "
+                         f"{r['time_vs_baseline'][v]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@_from_result("predict_calibrated_cpu.json", "python -m benchmarks.bench_predict --cases "
+              "adamw sgd-momentum sgd-plain --out benchmarks/results/predict_calibrated_cpu.json")
+def bench_predict_calibrated(d: dict, name: str) -> str:
+    """The cost of calibration at step() (predict_calibrated_cpu.json)."""
+    adamw = next((r["median_ms"]["step"] for r in d["results"] if r["case"] == "adamw"), None)
+    lines = [f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; median of "
+             f"{d['config']['repeats']} round-robin repeats):", "",
+             "| case | step ms | wrapped step ms (`calibrate=False`) | calibrated step ms | "
+             "calibration ms | in AdamW steps |", "|---|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        m = r["median_ms"]
+        cal = m["calibrated_step"] - m["wrapped_step"]
+        lines.append(f"| {r['case']} | {m['step']:.1f} | {m['wrapped_step']:.1f} | "
+                     f"{m['calibrated_step']:.1f} | {cal:.1f} | "
+                     + ("n/a" if not adamw else f"{cal / adamw:.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
+@_from_result("fidelity.json", "python -m benchmarks.bench_fidelity")
+def bench_fidelity(d: dict, name: str) -> str:
+    """Fidelity ratios of every optimizer's rule (fidelity.json)."""
+    steps = d["config"]["steps"]
+    lines = [f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; seeds "
+             f"{', '.join(map(str, d['config']['seeds']))}, {d['config']['updates']} "
+             "updates):", "",
+             "| optimizer | rule | " + " | ".join(f"s={s} mean (max)" for s in steps)
+             + " | any seed >= 1 |", "|---|---|" + "---|" * (len(steps) + 1)]
+    for r in d["results"]:
+        rule = r["rule"]  # names the calibration already ("... + calibrate")
+        cells = " | ".join(f"{r['ratios'][str(s)]['mean']:.3f} ({r['ratios'][str(s)]['max']:.3f})"
+                           for s in steps)
+        lines.append(f"| {r['label']} | {rule} | {cells} | "
+                     f"{'**YES**' if r['any_ge_1'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+@_from_result("pipeline_overhead.json", "python -m benchmarks.bench_pipeline")
+def bench_pipeline_cost(d: dict, name: str) -> str:
+    """PredictiveStage against a plain PipelineStage, per stage and optimizer, with the spread
+    over rounds (pipeline_overhead.json)."""
+    from predictopt.pipeline import DEFAULT_METHOD
+
+    out = []
+    for run in d["runs"]:
+        opt = "`AdamW(..., fused=True)`" if run["optimizer"] == "fused" else "`AdamW(...)`"
+        out += [f"**{run['stage']}** ({run['description']}), {opt}, {run.get('ranks', 2)} "
+                f"ranks, {run['microbatches']} micro-batches, {run['rounds']} rounds of "
+                f"{run['warmup']} + {run['steps']} steps; {_machine_of(run['machine'])}:", "",
+                "| stage | CPU ms per micro-batch, median (min-max) | CPU ratio to plain, "
+                "median (min-max) | wall ratio |", "|---|---:|---:|---:|"]
+        for r in run["results"]:
+            v = f"`{r['variant']}`" + (" (default)" if r["variant"] == DEFAULT_METHOD else "")
+            out.append(f"| {v} | {r['cpu_ms_per_microbatch']:.2f} ({r['cpu_ms_min']:.2f}-"
+                       f"{r['cpu_ms_max']:.2f}) | {r['cpu_ratio']:.2f} "
+                       f"({r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}) | "
+                       f"{r['wall_ratio']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+@_from_result("gpu/predict_cost.json", "bash benchmarks/gpu.sh")
+def bench_gpu(d: dict, name: str) -> str:
+    """benchmarks/gpu.sh: prediction cost at 124M parameters against the bandwidth limit."""
+    from benchmarks.bench_gpu import HEADER, rows
+
+    return "\n".join([f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; copy "
+                      f"bandwidth {d['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s):", "", *HEADER,
+                      *rows(d["results"])]) + "\n"
+
+
 def _study_generators() -> dict[str, Callable[[], str]]:
     gens: dict[str, Callable[[], str]] = {"methods-table": methods_table,
                                           "study-summary": study_summary,
@@ -488,7 +654,14 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "memory-table": memory_table,
                                           "schedule-table": schedule_table,
                                           "auto-schedule-table": auto_table,
-                                          "bitpipe-table": bitpipe_table}
+                                          "bitpipe-table": bitpipe_table,
+                                          "bench-predict-cost": bench_predict_cost,
+                                          "bench-predict-previous": bench_predict_previous,
+                                          "bench-predict-memory": bench_predict_memory,
+                                          "bench-predict-calibrated": bench_predict_calibrated,
+                                          "bench-fidelity": bench_fidelity,
+                                          "bench-pipeline-cost": bench_pipeline_cost,
+                                          "bench-gpu": bench_gpu}
     for stages, opt in STUDY_SETTINGS:
         gens[f"study-{stages}-{opt}"] = (lambda k=stages, o=opt: study_table(k, o))
     return gens
