@@ -15,7 +15,7 @@ from .study import LMConfig, RunCache, run_grid
 #: Every method, in the settings at 8 stages.
 ALL_METHODS: tuple[str, ...] = (
     "sequential", "pipedream", "pipeoptim", "nesterov-dl", "sequential-nesterov-dl",
-    "qh-dl", "sequential-qh-dl",
+    "qh-dl", "sequential-qh-dl", "pipeoptim-qh-dl",
     "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl",
     "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc")
 #: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
