@@ -35,9 +35,12 @@ steps only); their gradients are applied as computed, like any other stale gradi
 Scope: this implementation coordinates the :class:`~predictopt.pipeline.StageWorker` objects of
 one process (the :class:`~predictopt.pipeline.PipelineSimulator`, or a rank's own stages); a
 distributed run would exchange the norms $n_{k,j}$ between ranks (the paper passes partial
-reductions along the pipeline), which is not implemented. Methods whose transforms act after the
-step (``after_step``) are not supported, and step hooks on the optimizer (e.g. an LR scheduler
-stepped by a hook) would run again on a redone step.
+reductions along the pipeline), which is not implemented. A method's ``after_step`` transforms
+(e.g. quasi-hyperbolic momentum, the default method's) are part of the step: they run on the
+clipped gradient, are undone with it and redone with it (the transforms' own state, the worker's
+``transform_state``, is in the snapshot). Step hooks on the optimizer (e.g. an LR scheduler
+stepped by a hook) would run again on a redone step: step schedulers from the worker's
+``after_update`` hooks instead.
 """
 
 from __future__ import annotations
@@ -117,9 +120,6 @@ class PostValidation:
         if len({w.update_every for w in workers}) != 1:
             raise ValueError("every worker must update after the same number of micro-batches "
                              f"(update_every), got {[w.update_every for w in workers]}")
-        if any(w._after for w in workers):
-            raise ValueError(f"method {workers[0].method!r} changes the update after the step "
-                             "(after_step transforms); post-validation cannot redo such steps")
         if max_norm is not None and (isinstance(max_norm, bool) or not max_norm > 0):
             raise ValueError(f"max_norm must be None or a number > 0, got {max_norm!r}")
         if isinstance(eps, bool) or not eps > 0:
@@ -171,7 +171,8 @@ class PostValidation:
                 for key, v in st.items()})
         return {"params": [p.detach().clone() for p in w.params], "state": state,
                 "groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
-                           for g in inner.param_groups]}
+                           for g in inner.param_groups],
+                "transforms": copy.deepcopy(w.transform_state)}
 
     @staticmethod
     @torch.no_grad()
@@ -188,6 +189,8 @@ class PostValidation:
             for key, value in saved.items():
                 if key.startswith("predictopt_"):  # the wrapper's statistics: state
                     g[key] = copy.deepcopy(value)
+        w.transform_state.clear()
+        w.transform_state.update(copy.deepcopy(snap["transforms"]))
 
     @torch.no_grad()
     def _apply(self, k: int, grads: list[Tensor | None], used: tuple[bool, Tensor | None],
@@ -212,7 +215,12 @@ class PostValidation:
             for g, h in zip(inner.param_groups, hyper):
                 g.update({k2: v for k2, v in h.items() if not k2.startswith("predictopt_")})
         try:
+            made = w._steps_made
             self._real[k]()
+            if w._after and w._steps_made != made:  # the method's corrections of the step
+                ctx = w._update_context()
+                for t in w._after:
+                    t.after_step(w.context, ctx)
         finally:
             if current is not None:
                 for g, c in zip(inner.param_groups, current):
@@ -231,7 +239,9 @@ class PostValidation:
         snapshot = self._snapshot(w)
         used = self.coefficient([norms[s] for s in sorted(norms)])
         self._pending[k].append(_Pending(j, snapshot, grads, snapshot["groups"], used))
-        self._apply(k, grads, used, None)
+        made = w._steps_made
+        self._apply(k, grads, used, None)  # runs the method's after_step corrections itself,
+        w._steps_made = made                # so the worker must not run them again
         for p in w.params:  # as after a plain step: the worker zeroes them next
             p.grad = None
         if len(norms) == len(self.workers):
