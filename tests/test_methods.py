@@ -602,3 +602,36 @@ def test_an_after_step_correction_skips_an_update_the_optimizer_skipped():
     after = [p for w in sim.workers for p in w.params]
     assert all(torch.isfinite(p).all() for p in after)
     assert not all(torch.equal(p, q) for p, q in zip(before, after))
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9")
+@pytest.mark.parametrize("muon", [False, True])
+def test_delay_scaled_lr_leaves_muon_at_its_rate_unless_asked(muon):
+    """DelayScaledLR scales the Adam part of a combined Muon + AdamW stage optimizer for the
+    update and, by default, not the Muon part; with muon=True both. After the update both
+    groups hold the user's lr again."""
+    from predictopt.combined import CombinedOptimizer
+    from predictopt.pipeline import StageWorker
+    from predictopt.pipeline.methods import Method
+
+    torch.manual_seed(0)
+    mod = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    mats = [mod[0].weight, mod[1].weight]
+    rest = [mod[0].bias, mod[1].bias]
+    muon_part = torch.optim.Muon(mats, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    adam_part = torch.optim.AdamW(rest, lr=0.01)
+    seen: dict[str, float] = {}
+    muon_part.register_step_pre_hook(lambda o, *_: seen.update(muon=o.param_groups[0]["lr"]))
+    adam_part.register_step_pre_hook(lambda o, *_: seen.update(adam=o.param_groups[0]["lr"]))
+    method = Method(f"dl-test-{muon}", staleness_free=True,
+                    transforms=(DelayScaledLR(delays="1f1b", muon=muon),))
+    w = StageWorker(mod, CombinedOptimizer([muon_part, adam_part]), method=method,
+                    staleness=[0], update_every=1, stage=0, num_stages=4)  # D = 3
+    x = torch.randn(2, 4)
+    out = w.forward(0, x)
+    w.backward(0, torch.ones_like(out))
+    assert seen["adam"] == pytest.approx(0.01 / 4)
+    assert seen["muon"] == pytest.approx(0.02 / 4 if muon else 0.02)
+    assert muon_part.param_groups[0]["lr"] == 0.02 and adam_part.param_groups[0]["lr"] == 0.01
+    with pytest.raises(TypeError, match="muon"):
+        DelayScaledLR(muon=1)

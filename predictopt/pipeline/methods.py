@@ -228,6 +228,11 @@ class StageTransform:
         """Factor on the learning rate of the update after ``updates`` updates."""
         return 1.0
 
+    def scales_lr_of(self, optimizer: Optimizer) -> bool:
+        """Whether :meth:`lr_scale` applies to the groups of ``optimizer`` (the stage optimizer,
+        or one part of a :class:`~predictopt.combined.CombinedOptimizer`)."""
+        return True
+
     def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
         """Called right before the optimizer step of every update (learning rate scaled)."""
 

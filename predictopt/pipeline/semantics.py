@@ -550,13 +550,24 @@ class StageWorker:
             f *= t.lr_scale(self.context, self.num_updates)
         return f
 
+    def _lr_mask(self) -> list[bool]:
+        """Per parameter group, whether the method's lr scale applies to it (a transform may
+        leave some optimizers at their rate: :meth:`StageTransform.scales_lr_of`)."""
+        from ..combined import CombinedOptimizer
+
+        inner = self.optimizer.optimizer
+        parts = inner.optimizers if isinstance(inner, CombinedOptimizer) else (inner,)
+        return [all(t.scales_lr_of(part) for t in self.spec.transforms)
+                for part in parts for _ in part.param_groups]
+
     def _future_lrs(self, h: int, scale: float) -> list[list[float]] | None:
         if scale == 1.0:
             return None
         base = self.optimizer._future_lrs(h)
         if base is None:
             base = [[float(g["lr"])] * h for g in self.optimizer.param_groups]
-        return [[lr * scale for lr in row] for row in base]
+        return [[lr * scale for lr in row] if m else row
+                for row, m in zip(base, self._lr_mask())]
 
     def _backward_values(self, mb: int) -> Any:
         """With backward = "current" and a transform that corrects the backward's weights:
@@ -836,7 +847,8 @@ class StageWorker:
         scale = self.lr_scale()
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
-        scaled = [lr * scale for lr in saved] if scale != 1.0 else saved
+        scaled = ([lr * scale if m else lr for lr, m in zip(saved, self._lr_mask())]
+                  if scale != 1.0 else saved)
         for g, lr in zip(groups, scaled):
             g["lr"] = lr  # a new object: a Tensor lr of the user is not written to
         try:

@@ -236,10 +236,19 @@ class DelayScaledLR(StageTransform):
         delays: ``"observed"``: $D$ is the stage's delay in the run (:attr:`StageContext.delay`);
             ``"1f1b"``: $D = K - 1 - k$, the delay stage $k$ of $K$ has under 1F1B, also in a
             run without a pipeline (the staleness-free twin of a method, for comparisons).
+        muon: Scale ``torch.optim.Muon`` (parts of a
+            :class:`~predictopt.combined.CombinedOptimizer`) too. Default ``False``: Muon keeps
+            its rate. Its orthogonalised update has the same norm whatever the gradient's, and
+            in the study a delayed Muon lost little while a scaled one trained slower, with or
+            without a pipeline (docs/study.md).
     """
 
     def __init__(self, power: float = 1.0, offset: float = 1.0,
-                 anneal_updates: int | None = None, delays: str = "observed") -> None:
+                 anneal_updates: int | None = None, delays: str = "observed", *,
+                 muon: bool = False) -> None:
+        if not isinstance(muon, bool):
+            raise TypeError(f"muon must be a bool, got {muon!r}")
+        self.muon = muon
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset")
         if delays not in ("observed", "1f1b"):
@@ -256,6 +265,10 @@ class DelayScaledLR(StageTransform):
             raise ValueError("DelayScaledLR(delays='1f1b') needs the stage index and the number "
                              "of stages (StageWorker(stage=..., num_stages=...))")
         return optimizer
+
+    def scales_lr_of(self, optimizer: Optimizer) -> bool:
+        muon = getattr(torch.optim, "Muon", None)
+        return self.muon or muon is None or not isinstance(optimizer, muon)
 
     def lr_scale(self, ctx: StageContext, updates: int) -> float:
         delay = ctx.delay if self.delays == "observed" else \
