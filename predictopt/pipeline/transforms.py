@@ -238,9 +238,9 @@ class DelayScaledLR(StageTransform):
             run without a pipeline (the staleness-free twin of a method, for comparisons).
         muon: Scale ``torch.optim.Muon`` (parts of a
             :class:`~predictopt.combined.CombinedOptimizer`) too. Default ``False``: Muon keeps
-            its rate. Its orthogonalised update has the same norm whatever the gradient's, and
-            in the study a delayed Muon lost little while a scaled one trained slower, with or
-            without a pipeline (docs/study.md).
+            its rate: its orthogonalised update has the same norm whatever the gradient's, and
+            in trial runs of the study's Muon setting the scaled rate cost more than the delay
+            it compensates (with and without a pipeline).
     """
 
     def __init__(self, power: float = 1.0, offset: float = 1.0,
