@@ -285,6 +285,15 @@ class MethodSummary:
     def final_mean(self) -> float:
         return statistics.mean(self.final)
 
+    def gap_to(self, other: MethodSummary) -> float:
+        """Mean over the seeds both have of this method's final loss minus ``other``'s (paired
+        by seed, so a missing seed of one does not shift the other's mean)."""
+        theirs = dict(zip(other.seeds, other.final))
+        diffs = [f - theirs[s] for s, f in zip(self.seeds, self.final) if s in theirs]
+        if not diffs:
+            raise ValueError(f"{self.method} and {other.method} have no seed in common")
+        return statistics.mean(diffs)
+
     @property
     def final_std(self) -> float:
         return statistics.stdev(self.final) if len(self.final) > 1 else 0.0
@@ -341,10 +350,10 @@ def markdown_table(summaries: dict[str, MethodSummary], cfg: LMConfig,
     for m, s in summaries.items():
         loss = f"{s.final_mean:.3f} ± {s.final_std:.3f}" if len(s.final) > 1 \
             else f"{s.final_mean:.3f}"
-        gap = f"{s.final_mean - ref.final_mean:+.3f}" if ref else ""
+        gap = f"{s.gap_to(ref):+.3f}" if ref else ""
         closed = ""
         if ref and pd and m not in (reference, "pipedream") and pd.final_mean > ref.final_mean:
-            share = (pd.final_mean - s.final_mean) / (pd.final_mean - ref.final_mean)
+            share = -pd.gap_to(s) / pd.gap_to(ref)
             closed = f"{100 * share:.0f} %"
         lines.append(f"| {m} | {loss} | {gap} | {closed} | {_fmt_overhead(s, cfg.horizon)} |")
     return "\n".join(lines)

@@ -198,3 +198,14 @@ def test_generated_docs_are_up_to_date():
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_docs.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_gaps_are_paired_by_seed():
+    """A method with a seed missing is compared with the reference on the seeds both have."""
+    from predictopt.study import MethodSummary
+
+    ref = MethodSummary("sequential", [0, 1, 2], [1.0, 2.0, 3.0])
+    m = MethodSummary("m", [0, 2], [1.5, 3.5])
+    assert m.gap_to(ref) == 0.5  # not 2.5 - 2.0
+    with pytest.raises(ValueError, match="no seed in common"):
+        MethodSummary("x", [5], [1.0]).gap_to(ref)

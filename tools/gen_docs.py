@@ -91,7 +91,7 @@ def study_summary() -> str:
             continue
         col = f"{stages} st. {opt}"
         cols.append(col)
-        ref = summaries["sequential"].final_mean
+        ref = summaries["sequential"]
         for m, s in summaries.items():
             if m == "sequential":
                 continue
@@ -99,7 +99,7 @@ def study_summary() -> str:
             over = "never" if o is None else f"{o:.2f}x"
             if o is not None and len(s.reached) < len(s.overhead):
                 over += "*"
-            rows.setdefault(m, {})[col] = f"{s.final_mean - ref:+.3f} / {over}"
+            rows.setdefault(m, {})[col] = f"{s.gap_to(ref):+.3f} / {over}"
     if not cols:
         return "(no runs yet)\n"
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -196,8 +196,8 @@ def study_twins() -> str:
             a, b, r = s[m], s[twin], s["sequential"]
             lines.append(f"| {stages} stages, {opt} | `{m}` | {a.final_mean:.3f} ± "
                          f"{a.final_std:.3f} | {b.final_mean:.3f} ± {b.final_std:.3f} | "
-                         f"{a.final_mean - b.final_mean:+.3f} | {r.final_mean:.3f} | "
-                         f"{a.final_mean - r.final_mean:+.3f} |")
+                         f"{a.gap_to(b):+.3f} | {r.final_mean:.3f} | "
+                         f"{a.gap_to(r):+.3f} |")
     return ("\n".join(lines) + "\n") if n else "(twin runs not in docs/results yet)\n"
 
 
@@ -221,20 +221,20 @@ def study_goal() -> str:
             continue
         n += 1
         d, r = s[DEFAULT_METHOD], s["sequential"]
-        gap = d.final_mean - r.final_mean
+        gap = d.gap_to(r)
         o = d.overhead_mean
         all_reached = o is not None and len(d.reached) == len(d.overhead)
         over = "never" if o is None else f"{o:.2f}x" + ("" if all_reached else "*")
         pd = s.get("pipedream")
-        vs_pd = "" if pd is None else f"{d.final_mean - pd.final_mean:+.3f}"
+        vs_pd = "" if pd is None else f"{d.gap_to(pd):+.3f}"
         checks = []
         if pd is not None:
-            checks.append("better than pipedream" if d.final_mean < pd.final_mean
+            checks.append("better than pipedream" if d.gap_to(pd) < 0
                           else "**not better than pipedream**")
         if stages == 8 and opt in ("adamw", "sgd"):
             met = gap <= 0.05 and all_reached and o <= 1.10
             checks.insert(0, "met" if met else "**not met**")
-        vs_twin = "" if twin not in s else f"{d.final_mean - s[twin].final_mean:+.3f}"
+        vs_twin = "" if twin not in s else f"{d.gap_to(s[twin]):+.3f}"
         lines.append(f"| {stages} stages, {opt} | {len(d.seeds)} | {gap:+.3f} | {over} | "
                      f"{vs_pd} | {vs_twin} | {'; '.join(checks)} |")
     return ("\n".join(lines) + "\n") if n else "(no runs of the default method yet)\n"
