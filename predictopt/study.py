@@ -392,6 +392,14 @@ def plot_curves(records: Sequence[dict[str, Any]], cfg: LMConfig, methods: Seque
     fig.savefig(path, dpi=110)
 
 
+def study_setting(stages: int, optimizer: str) -> LMConfig:
+    """The study's setting at ``stages`` stages: 8 micro-batches of 8 sequences per step, or,
+    beyond 8 stages, one micro-batch per stage (1F1B needs at least as many micro-batches as
+    stages) with the same 64 sequences per step."""
+    n = max(8, stages)
+    return LMConfig(stages=stages, optimizer=optimizer, microbatches=n, microbatch_size=64 // n)
+
+
 def configs_with(base: LMConfig, **grid: Sequence[Any]) -> list[LMConfig]:
     """Every combination of the given fields' values applied to ``base``."""
     out = [base]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .study import LMConfig, RunCache, run_grid
+from .study import RunCache, run_grid, study_setting
 
 #: Every method, in the settings at 8 stages.
 ALL_METHODS: tuple[str, ...] = (
@@ -28,19 +28,21 @@ MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl"
                                  "pipemare", "dc-asgd")
 #: The methods that decide the default (the references, the paper baselines, the candidates).
 DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
-                                     "sequential-qh-dl", "nesterov-dl")
+                                     "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl")
+#: The methods at 4 and 16 stages first: the reference, the baseline, the candidates.
+SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim-qh-dl")
 #: (stages, optimizer, methods), in the order they run (what decides the default first, so a
 #: partial run is useful); methods a setting cannot run are skipped
 #: (:func:`predictopt.study.applicable`); what is cached already is not run again.
 PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (8, "adamw", DECIDING_METHODS), (8, "sgd", DECIDING_METHODS),
-    (8, "muon", DECIDING_METHODS), (8, "adamw", ALL_METHODS),
-    (4, "adamw", DECIDING_METHODS[:4]), (16, "adamw", DECIDING_METHODS[:4]),
-    (4, "sgd", DECIDING_METHODS[:4]), (16, "sgd", DECIDING_METHODS[:4]),
-    (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
-    (4, "adamw", CORE_METHODS + ("qh-dl",)), (4, "sgd", CORE_METHODS + ("qh-dl",)),
-    (16, "adamw", CORE_METHODS + ("qh-dl",)), (16, "sgd", CORE_METHODS + ("qh-dl",)),
-    (4, "muon", MUON_METHODS[:4]), (16, "muon", MUON_METHODS[:4]))
+    (8, "muon", DECIDING_METHODS),
+    (4, "adamw", SCALE_METHODS), (16, "adamw", SCALE_METHODS),
+    (4, "sgd", SCALE_METHODS), (16, "sgd", SCALE_METHODS),
+    (4, "muon", SCALE_METHODS), (16, "muon", SCALE_METHODS),
+    (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
+    (4, "adamw", CORE_METHODS), (4, "sgd", CORE_METHODS),
+    (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))
 SEEDS: tuple[int, ...] = (0, 1, 2)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "lm_study.jsonl"
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     for stages, opt, methods in PLAN:
         if args.only and f"{stages}:{opt}" not in args.only:
             continue
-        run_grid([LMConfig(stages=stages, optimizer=opt)], methods, SEEDS, cache,
+        run_grid([study_setting(stages, opt)], methods, SEEDS, cache,
                  processes=args.processes)
     return 0
 

@@ -44,9 +44,9 @@ def _records() -> list[dict]:
 
 
 def _cfg(stages: int, optimizer: str):
-    from predictopt.study import LMConfig
+    from predictopt.study import study_setting
 
-    return LMConfig(stages=stages, optimizer=optimizer)
+    return study_setting(stages, optimizer)
 
 
 def _methods_in(records: list[dict], cfg) -> list[str]:
