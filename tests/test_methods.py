@@ -635,3 +635,38 @@ def test_delay_scaled_lr_leaves_muon_at_its_rate_unless_asked(muon):
     assert muon_part.param_groups[0]["lr"] == 0.02 and adam_part.param_groups[0]["lr"] == 0.01
     with pytest.raises(TypeError, match="muon"):
         DelayScaledLR(muon=1)
+
+
+@pytest.mark.parametrize("use_workspace", [False, True])
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+])
+def test_quasi_hyperbolic_large_tensors_in_place_equal_the_plain_reference(make, use_workspace):
+    """Tensors above the per-tensor threshold take the in-place path (one reused denominator
+    buffer); beside small ones, the result is the plain formula's."""
+    from predictopt.pipeline.methods import UpdateContext
+    from predictopt.pipeline.transforms import _PER_TENSOR_NUMEL
+    from predictopt.workspace import Workspace
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2 * _PER_TENSOR_NUMEL // 100, 100), (7,), (_PER_TENSOR_NUMEL + 3,)]
+    a = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64))
+         for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa, ob = make(a), make(b)
+    ws = Workspace() if use_workspace else None
+    qh = QuasiHyperbolicMomentum(0.3)
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+        for ps, opt in ((a, oa), (b, ob)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        qh.after_step(ctx(), UpdateContext(oa, a, 0, workspace=ws))
+        _qh_plain(ob, 0.3)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+    if use_workspace and "betas" in oa.param_groups[0]:
+        assert ws.nbytes > 0  # the denominator came from the workspace

@@ -119,6 +119,8 @@ class UpdateContext:
         state: Per-parameter state the transforms keep (the worker's ``transform_state``,
             saved in stage checkpoints); never the optimizer's own ``state`` (torch optimizers
             initialise a parameter's state when it is empty).
+        workspace: Scratch memory the transforms may reuse from one update to the next (the
+            worker's :class:`~predictopt.workspace.Workspace`; ``None``: allocate).
     """
 
     optimizer: Optimizer
@@ -126,6 +128,7 @@ class UpdateContext:
     updates: int
     microbatches: list[int] = field(default_factory=list)
     state: dict[Tensor, dict[str, Any]] = field(default_factory=dict)
+    workspace: Any = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -792,7 +792,7 @@ class StageWorker:
     # ------------------------------------------------------------------ completion and update
     def _update_context(self) -> UpdateContext:
         return UpdateContext(self.optimizer.optimizer, self.params, self.num_updates,
-                             list(self._covered), self.transform_state)
+                             list(self._covered), self.transform_state, self.workspace)
 
     @torch.no_grad()
     def _complete(self, mb: int, chunk: _Chunk) -> None:

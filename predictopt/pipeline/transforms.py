@@ -367,13 +367,13 @@ class QuasiHyperbolicMomentum(StageTransform):
                 wd = float(group.get("weight_decay", 0.0) or 0.0)
                 if kind == "adam":
                     l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
-                    self._adam(opt, group, alpha, sign, l2)
+                    self._adam(opt, group, alpha, sign, l2, update.workspace)
                 else:
                     self._sgd(opt, group, alpha, sign, wd)
 
     @staticmethod
     def _adam(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
-              l2: float) -> None:
+              l2: float, workspace: Any = None) -> None:
         b1, b2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
@@ -386,6 +386,21 @@ class QuasiHyperbolicMomentum(StageTransform):
             buckets.setdefault(k, []).append((p, p.grad, st["exp_avg"], st[key]))
         for (_, _, step), items in buckets.items():
             bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+            big = [it for it in items if it[0].numel() >= _PER_TENSOR_NUMEL
+                   and all(t.is_contiguous() for t in it)]
+            if big:  # one reused denominator buffer, in-place passes: no weight-sized temporary
+                rb2 = math.sqrt(bc2)
+                for p, g, m, v in big:
+                    den = (workspace.scratch(v.numel(), v.dtype, v.device).view(v.shape)
+                           if workspace is not None else torch.empty_like(v))
+                    torch.sqrt(v, out=den)
+                    den.div_(rb2).add_(eps)
+                    if l2:
+                        p.addcdiv_(p, den, value=alpha * l2)  # the L2 term at the new weights
+                    p.addcdiv_(g, den, value=alpha * sign)
+                    p.addcdiv_(m, den, value=-alpha / bc1)
+                chosen = {id(it[0]) for it in big}
+                items = [it for it in items if id(it[0]) not in chosen]
             for chunk in _chunks(items):
                 ps, gs, ms, vs = (list(x) for x in zip(*chunk))
                 denom = torch._foreach_div(vs, bc2)
@@ -407,14 +422,18 @@ class QuasiHyperbolicMomentum(StageTransform):
         by: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
         for it in items:
             by.setdefault((it[0].device, it[0].dtype), []).append(it)
-        for bucket in by.values():
-            for chunk in _chunks(bucket):
-                ps, gs, bs = (list(x) for x in zip(*chunk))
-                diff = torch._foreach_mul(gs, sign / (1.0 - mu))
-                if wd:
-                    torch._foreach_add_(diff, ps, alpha=wd / (1.0 - mu))
-                torch._foreach_sub_(diff, bs)
-                torch._foreach_add_(ps, diff, alpha=alpha)
+        for bucket in by.values():  # in place: p (1 + a wd/(1-mu)) + a g/(1-mu) - a b
+            ps, gs, bs = (list(x) for x in zip(*bucket))
+            if wd:
+                torch._foreach_mul_(ps, 1.0 + alpha * wd / (1.0 - mu))
+            torch._foreach_add_(ps, gs, alpha=alpha * sign / (1.0 - mu))
+            torch._foreach_add_(ps, bs, alpha=-alpha)
+
+
+#: Adam tensors of at least this many elements get quasi-hyperbolic momentum's correction one by
+#: one, in place, with their denominator in a reused scratch buffer (no weight-sized temporaries,
+#: which on CPU page-fault when fresh); smaller ones with ``_foreach`` kernels over chunks.
+_PER_TENSOR_NUMEL = 1 << 15
 
 
 def _chunks(items: list[tuple[Tensor, ...]], budget: int = 1 << 25
