@@ -353,7 +353,7 @@ def markdown_table(summaries: dict[str, MethodSummary], cfg: LMConfig,
         gap = f"{s.gap_to(ref):+.3f}" if ref else ""
         closed = ""
         if ref and pd and m not in (reference, "pipedream") and pd.final_mean > ref.final_mean:
-            share = -pd.gap_to(s) / pd.gap_to(ref)
+            share = pd.gap_to(s) / pd.gap_to(ref)
             closed = f"{100 * share:.0f} %"
         lines.append(f"| {m} | {loss} | {gap} | {closed} | {_fmt_overhead(s, cfg.horizon)} |")
     return "\n".join(lines)
