@@ -143,9 +143,10 @@ def stability_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mlp_table(path: Path, methods: list[str] | None = None) -> str:
+def _mlp_table(path: Path, methods: list[str] | None = None, command: str = "") -> str:
     if not path.exists():
-        return f"(no {path.relative_to(ROOT)} yet)\n"
+        how = f": run `{command}` and copy its `results.json` there" if command else ""
+        return f"(no {path.relative_to(ROOT)} yet{how})\n"
     res = json.loads(path.read_text())
     cfg = res["config"]
     head = (f"{cfg['dataset']}, {cfg['stages']}-stage {cfg['activation']} MLP, "
@@ -173,7 +174,9 @@ def digits_table() -> str:
 
 def pb_results() -> str:
     """Pipelined Backpropagation on digits (docs/results/pb_mlp.json)."""
-    return _mlp_table(RESULTS / "pb_mlp.json")
+    return _mlp_table(RESULTS / "pb_mlp.json", command=(
+        "predictopt compare --task mlp --methods sequential,pb-sync,pb,pb-sc,pb-lwp,pb-sc-lwp,"
+        "pb-lean,pb-sc-lean,pb-lwp-lean,pb-sc-lwp-lean --seeds 3 --out runs/pb"))
 
 
 def study_twins() -> str:
