@@ -324,6 +324,22 @@ def _check_workspace(workspace: Any) -> Workspace | None:
     return workspace
 
 
+def _prepare(optimizer: Any, steps: int, rule: Any, lrs: Any) -> tuple[Any, ...]:
+    """What `predict` and `reference_predict` start from: the bare optimizer, the rule, the
+    future lrs (checked, or the wrapper's schedule), the calibration scales and the result
+    dict with every parameter mapped to itself (detached)."""
+    inner, rule_obj = _unwrap(optimizer, rule)
+    if lrs is not None:
+        _check_group_lrs(lrs, inner, steps)
+    elif inner is not optimizer:
+        lrs = optimizer._future_lrs(steps)
+    result: dict[Tensor, Tensor] = {
+        p: p.detach() for g in inner.param_groups for p in g["params"]
+    }
+    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    return inner, rule_obj, lrs, scales, result
+
+
 @torch.no_grad()
 def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
             rule: str | PredictionRule | None = None,
@@ -354,15 +370,7 @@ def predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     """
     steps = _check_steps(steps)
     ws = _check_workspace(workspace)
-    inner, rule_obj = _unwrap(optimizer, rule)
-    if lrs is not None:
-        _check_group_lrs(lrs, inner, steps)
-    elif inner is not optimizer:
-        lrs = optimizer._future_lrs(steps)
-    result: dict[Tensor, Tensor] = {
-        p: p.detach() for g in inner.param_groups for p in g["params"]
-    }
-    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    inner, rule_obj, lrs, scales, result = _prepare(optimizer, steps, rule, lrs)
     scratch = ws if ws is not None else Workspace()
     for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
         if ws is None:
@@ -385,15 +393,7 @@ def reference_predict(optimizer: Optimizer | PredictiveOptimizer, steps: int, *,
     (the engine before the per-tensor kernels). Slower; kept as the reference the engine is
     tested against bit for bit. Arguments as `predict`."""
     steps = _check_steps(steps)
-    inner, rule_obj = _unwrap(optimizer, rule)
-    if lrs is not None:
-        _check_group_lrs(lrs, inner, steps)
-    elif inner is not optimizer:
-        lrs = optimizer._future_lrs(steps)
-    result: dict[Tensor, Tensor] = {
-        p: p.detach() for g in inner.param_groups for p in g["params"]
-    }
-    scales = optimizer._calibration_scales(steps) if inner is not optimizer else None
+    inner, rule_obj, lrs, scales, result = _prepare(optimizer, steps, rule, lrs)
     for _gi, ps, targets, ds, a, c in _work(inner, rule_obj, steps, lrs, scales):
         out = _copy(targets)
         _reference_apply_(out, ds, a, c)
