@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     c.add_argument("--threads", type=_positive_int, default=1,
                    help="torch intra-op threads (default: %(default)s; the models are tiny)")
+    c.add_argument("--processes", type=_positive_int, default=None,
+                   help="--task lm: runs at a time, in worker processes of --threads threads "
+                        "each; the numbers do not depend on it (default: the CPU cores this "
+                        "process may use, divided by --threads)")
     c.add_argument("--out", type=Path, default=Path("runs/compare"),
                    help="output directory for results.json and curves.png "
                         "(default: %(default)s)")
@@ -430,6 +435,14 @@ def _mean_std(r: dict[str, Any], key: str, fmt: str) -> str:
     return f"{format(r[f'{key}_mean'], fmt)} ± {format(r[f'{key}_std'], fmt)}"
 
 
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _run_compare_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .study import LM_OPTIMIZERS, LMConfig, compare_lm
 
@@ -459,7 +472,9 @@ def _run_compare_lm(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     seeds = list(range(args.seed, args.seed + args.seeds))
-    compare_lm(cfg, methods, seeds, args.out, progress=not args.no_progress)
+    processes = args.processes or max(1, _usable_cores() // args.threads)
+    compare_lm(cfg, methods, seeds, args.out, progress=not args.no_progress,
+               processes=processes, threads=args.threads)
     return 0
 
 
@@ -468,6 +483,9 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
     if args.task == "lm":
         return _run_compare_lm(args, parser)
+    if args.processes is not None:
+        parser.error("argument --processes: --task mlp runs in this process; --processes is "
+                     "for --task lm")
     if args.methods is None:
         args.methods = list(METHODS_MLP)
     if args.stages is None:

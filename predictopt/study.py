@@ -24,7 +24,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -409,37 +409,52 @@ def configs_with(base: LMConfig, **grid: Sequence[Any]) -> list[LMConfig]:
 
 
 def compare_lm(cfg: LMConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
-               *, progress: bool = True, cache: RunCache | None = None,
-               log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
+               *, progress: bool = True, cache: RunCache | None = None, processes: int = 1,
+               threads: int = 1, log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
     """Run ``methods`` (``sequential`` is added first if missing: it is the reference) for
     every seed, write ``results.json`` and ``curves.png`` to ``out`` and return the summaries.
 
     ``results.json`` holds the setting, every run's record (curve included) and, per method,
     the final losses, their mean and sample standard deviation, and the iso-loss overheads.
+    With ``processes > 1`` the runs missing from the cache run that many at a time in worker
+    processes (``threads`` intra-op threads each), all feeding the one progress bar; runs are
+    deterministic, so the numbers do not depend on ``processes``.
     """
     from tqdm import tqdm
 
     from .pipeline import get_method
 
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
     names = [get_method(m).name for m in methods]
     if "sequential" not in names:
         names = ["sequential", *names]
     cache = cache if cache is not None else RunCache(Path(out) / "runs.jsonl")
     total = sum(cfg.steps if n == "sequential" else math.ceil(cfg.horizon * cfg.steps)
                 for n in names) * len(seeds)
-    records = []
+    done: dict[tuple[str, int], dict[str, Any]] = {}
     with tqdm(total=total, desc="compare", unit="step", disable=not progress,
               dynamic_ncols=True) as bar:
+        todo = []
         for seed in seeds:
             for n in names:
-                bar.set_description(n if len(seeds) == 1 else f"{n} seed {seed}")
                 r = cache.get(cfg, n, seed)
                 if r is None:
-                    r = run_lm(n, cfg, seed, progress=bar)
-                    cache.add(r)
+                    todo.append((n, seed))
                 else:
+                    done[n, seed] = r
                     bar.update(r["steps_run"])
-                records.append(r)
+        if processes == 1 or len(todo) <= 1:
+            for n, seed in todo:
+                bar.set_description(n if len(seeds) == 1 else f"{n} seed {seed}")
+                done[n, seed] = r = run_lm(n, cfg, seed, progress=bar)
+                cache.add(r)
+        else:
+            for r in _run_parallel([(asdict(cfg), n, s, threads) for n, s in todo],
+                                   min(processes, len(todo)), bar):
+                done[r["method"], r["seed"]] = r
+                cache.add(r)
+    records = [done[n, s] for s in seeds for n in names]
     summaries = aggregate(records, cfg, names, seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -459,6 +474,48 @@ def compare_lm(cfg: LMConfig, methods: Sequence[str], seeds: Sequence[int], out:
     log(markdown_table(summaries, cfg))
     log(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
     return summaries
+
+
+class _QueueProgress:
+    """A worker's progress: step counts sent to the parent's bar through a queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put(n)
+
+
+def _run_reporting(job: tuple[dict[str, Any], str, int, int, Any]) -> dict[str, Any]:
+    cfg, method, seed, threads, queue = job
+    torch.set_num_threads(threads)
+    return run_lm(method, LMConfig(**cfg), seed, progress=_QueueProgress(queue))
+
+
+def _run_parallel(jobs: Sequence[tuple[dict[str, Any], str, int, int]], processes: int,
+                  bar: Any) -> Iterator[dict[str, Any]]:
+    """Run ``jobs`` in ``processes`` spawned workers; yield the records as they finish while a
+    thread moves the workers' step counts onto ``bar``."""
+    import multiprocessing as mp
+    import threading
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+
+        def drain() -> None:
+            while (n := queue.get()) is not None:
+                bar.update(n)
+
+        mover = threading.Thread(target=drain, daemon=True)
+        mover.start()
+        try:
+            with ctx.Pool(processes) as pool:
+                yield from pool.imap_unordered(_run_reporting,
+                                               [(*j, queue) for j in jobs])
+        finally:
+            queue.put(None)
+            mover.join(timeout=10)
 
 
 def applicable(method: str, cfg: LMConfig) -> bool:

@@ -442,3 +442,60 @@ def determinism_worker(rank: int, world_size: int, threads: list[int]) -> dict[s
         warnings.simplefilter("always")
         settings = check_determinism()
     return {"settings": settings, "warnings": [str(w.message) for w in caught]}
+
+
+def postvalidation_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
+                          ) -> dict[str, Any]:
+    """Train every config with DistributedPostValidation; this rank's weights, losses and
+    counters (compared with the simulator's deferred post-validation by the parent)."""
+    from predictopt.pipeline import DistributedPostValidation
+    from predictopt.pipeline.runtime import attach
+
+    out: dict[str, Any] = {}
+    for i, cfg in enumerate(configs):
+        batches = postvalidation_batches(cfg, i)
+        torch.manual_seed(100 + i)
+        modules = make_stages(world_size * spr_of(cfg["schedule"]))
+        stages = local_stages(rank, world_size, cfg["schedule"], modules, cfg["method"],
+                              cfg["opt"])
+        sched = make_native(stages, cfg["schedule"], cfg["n"])
+        attach(sched)
+        pv = DistributedPostValidation(stages, max_norm=cfg["max_norm"])
+        losses = []
+        for x, y in batches:
+            losses += run_steps(stages, sched, [(x, y)])
+            pv.validate()
+        out[config_tag(cfg)] = {
+            "weights": {s.stage_index: [p.detach().clone() for p in s.submod.parameters()]
+                        for s in stages},
+            "losses": torch.stack(losses) if any(s.is_last for s in stages) else None,
+            "counters": (pv.redone, pv.clipped, pv.skipped, pv.pending)}
+        dist.barrier()
+    return out
+
+
+def postvalidation_batches(cfg: dict[str, Any], i: int) -> list[tuple[Any, Any]]:
+    """The config's batches, scaled up so that clipping triggers; ``poison``: an Inf in the
+    second batch (every gradient of that step non-finite: the update is skipped)."""
+    batches = [(3.0 * x, y) for x, y in make_batches(cfg["n"], cfg["steps"], seed=i)]
+    if cfg.get("poison"):
+        batches[1][0][0, 0] = float("inf")
+    return batches
+
+
+def simulate_postvalidation(cfg: dict[str, Any], i: int, world_size: int) -> dict[str, Any]:
+    from predictopt.pipeline import PipelineSimulator, PostValidation
+
+    batches = postvalidation_batches(cfg, i)
+    torch.manual_seed(100 + i)
+    modules = make_stages(world_size * spr_of(cfg["schedule"]))
+    sim = PipelineSimulator(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"],
+                            schedule=cfg["schedule"], n_microbatches=cfg["n"],
+                            loss_fn=F.cross_entropy)
+    pv = PostValidation(sim.workers, max_norm=cfg["max_norm"], deferred=True)
+    losses: list[float] = []
+    for x, y in batches:
+        losses += sim.step(x, y)
+        pv.validate()
+    return {"modules": modules, "losses": torch.tensor(losses, dtype=torch.float32),
+            "counters": (pv.redone, pv.clipped, pv.skipped, pv.pending)}

@@ -218,3 +218,85 @@ def test_arguments():
         PostValidation(sim.workers, max_norm=0.0)
     with pytest.raises(ValueError, match="eps"):
         PostValidation(sim.workers, eps=0)
+
+
+# ------------------------------------------------------------------ across ranks
+
+_DIST_CONFIGS = [
+    {"schedule": "1F1B", "method": "gpipe", "opt": "adamw", "n": 4, "steps": 3,
+     "max_norm": 0.3, "poison": True},
+    {"schedule": "1F1B", "method": "qh-dl", "opt": "adamw", "n": 4, "steps": 3,
+     "max_norm": 0.3},
+    {"schedule": "1F1B", "method": "pipedream", "opt": "sgdm", "n": 4, "steps": 3,
+     "max_norm": 0.3, "poison": True},
+    {"schedule": "InterleavedZeroBubble", "method": "pipeoptim", "opt": "adam", "n": 4,
+     "steps": 2, "max_norm": 0.3},
+]
+
+
+def _bits(t):
+    return t.view(torch.int32)  # NaN losses (the poisoned step) compare by their bits
+
+
+@pytest.mark.timeout(240)
+def test_distributed_post_validation_equals_the_deferred_simulator_bit_for_bit():
+    """Two gloo ranks, the norms exchanged by an asynchronous all-gather and validated after
+    every step: weights, losses and counters equal the simulator's deferred post-validation,
+    with clipping redoing steps (per-micro-batch and per-step methods, one and two stages per
+    rank) and a non-finite step skipped."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _dist
+
+    results = _dist.launch(_dist.postvalidation_worker, 2, _DIST_CONFIGS, timeout=200.0,
+                           pg_timeout=60.0)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    for i, cfg in enumerate(_DIST_CONFIGS):
+        tag = _dist.config_tag(cfg)
+        ref = _dist.simulate_postvalidation(cfg, i, 2)
+        redone, clipped, skipped, pending = ref["counters"]
+        assert redone > 0 and clipped > 0 and pending == [0] * len(ref["modules"]), tag
+        assert skipped == (1 if cfg.get("poison") else 0), tag
+        got = [res["value"][tag] for res in results]
+        assert sum(g["counters"][0] for g in got) == redone, tag
+        assert all(g["counters"][1:3] == (clipped, skipped) for g in got), tag
+        seen = set()
+        for g in got:
+            for k, ws in g["weights"].items():
+                seen.add(k)
+                for p, q in zip(ws, ref["modules"][k].parameters(), strict=True):
+                    assert torch.isfinite(p).all(), (tag, k)
+                    assert torch.equal(p, q.detach()), (tag, k)
+            if g["losses"] is not None:
+                assert torch.equal(_bits(g["losses"]), _bits(ref["losses"])), tag
+        assert seen == set(range(len(ref["modules"]))), tag
+
+
+def test_distributed_post_validation_errors(monkeypatch):
+    from predictopt.pipeline import DistributedPostValidation
+
+    with pytest.raises(ValueError, match="PredictiveStage"):
+        DistributedPostValidation([object()])
+    with pytest.raises(TypeError, match="deferred must be a bool"):
+        PostValidation(_sim().workers, deferred="yes")
+
+
+def test_deferred_validation_equals_the_synchronous_clipped_step():
+    """Deferred (the rule the distributed runs use): optimistic steps on each stage's own norm,
+    validation after the step; with one update per step the run is synchronous clipping."""
+    batches = _batches(4, 4)
+    sim = _sim()
+    pv = PostValidation(sim.workers, max_norm=0.5, deferred=True)
+    losses = []
+    for x, y in batches:
+        losses += sim.step(x, y)
+        assert pv.pending == [1, 1, 1]  # nothing validates before validate()
+        pv.validate()
+    ref = _sim()
+    _Synchronous(ref.workers, 0.5)
+    assert losses == _train(ref, batches)
+    _equal(_state(sim), _state(ref))
+    assert pv.clipped > 0 and pv.redone > 0 and pv.pending == [0, 0, 0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from predictopt.lm import DEFAULT_CORPUS, lm_loss, lm_stages, load_text
 from predictopt.study import (
     LMConfig,
     RunCache,
+    _run_parallel,
     aggregate,
+    compare_lm,
     iso_loss_overhead,
     markdown_table,
     run_lm,
@@ -179,7 +182,45 @@ def test_compare_lm_writes_results(tmp_path, capsys):
     assert rc == 0 and len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
 
 
+def test_compare_lm_in_processes_equals_in_process(tmp_path):
+    """Two worker processes give the records of one process, bit for bit, in the same order."""
+    cfg = LMConfig(stages=2, microbatches=4, microbatch_size=2, context=16, dim=16, steps=2,
+                   eval_every=1, eval_sequences=8)
+    runs = {}
+    for processes in (1, 2):
+        compare_lm(cfg, ["pipedream"], [0, 1], tmp_path / str(processes), progress=False,
+                   processes=processes, log=lambda _: None)
+        runs[processes] = json.loads((tmp_path / str(processes) / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in runs[2]["runs"]] == [
+        ("sequential", 0), ("pipedream", 0), ("sequential", 1), ("pipedream", 1)]
+    assert [(r["method"], r["seed"], r["curve"]) for r in runs[1]["runs"]] == \
+        [(r["method"], r["seed"], r["curve"]) for r in runs[2]["runs"]]
+
+
+def test_parallel_runs_feed_one_progress_bar():
+    cfg = LMConfig(stages=2, microbatches=4, microbatch_size=2, context=16, dim=16, steps=2,
+                   eval_every=1, eval_sequences=8)
+
+    class Bar:
+        n = 0
+
+        def update(self, n=1):
+            self.n += n
+
+    bar = Bar()
+    jobs = [(asdict(cfg), m, 0, 1) for m in ("sequential", "pipedream")]
+    records = list(_run_parallel(jobs, 2, bar))
+    assert sorted(r["method"] for r in records) == ["pipedream", "sequential"]
+    assert bar.n == sum(r["steps_run"] for r in records) == 2 + 3  # horizon 1.3: ceil(2.6)
+
+
+def test_compare_lm_processes_argument(tmp_path):
+    with pytest.raises(ValueError, match="processes must be an int >= 1"):
+        compare_lm(LMConfig(stages=2), ["pipedream"], [0], tmp_path, processes=0)
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["--task", "mlp", "--processes", "2"], "--processes is for --task lm"),
     (["--optimizer", "rmsprop"], "--task lm runs"),
     (["--methods", "pb"], "Pipelined Backpropagation"),
     (["--methods", "pipeoptim-sc"], "momentum SGD"),

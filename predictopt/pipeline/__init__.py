@@ -24,7 +24,7 @@ from predictopt.pipeline.pb import (
     pb_staleness,
     pb_ticks,
 )
-from predictopt.pipeline.postvalidation import PostValidation
+from predictopt.pipeline.postvalidation import DistributedPostValidation, PostValidation
 from predictopt.pipeline.schedules import (
     SUPPORTED_SCHEDULES,
     Action,
@@ -83,6 +83,7 @@ __all__ = [
     "exact_schedule",
     "zb_h1",
     "zb_h2",
+    "DistributedPostValidation",
     "PostValidation",
     "BITPIPE_SCHEDULE",
     "BitPipeSimulator",

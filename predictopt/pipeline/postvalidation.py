@@ -32,10 +32,17 @@ synchronously clipped training exactly. With per-micro-batch updates a stage may
 micro-batches on the optimistic weights before the validation arrives (on the rare redone
 steps only); their gradients are applied as computed, like any other stale gradient.
 
-Scope: this implementation coordinates the :class:`~predictopt.pipeline.StageWorker` objects of
-one process (the :class:`~predictopt.pipeline.PipelineSimulator`, or a rank's own stages); a
-distributed run would exchange the norms $n_{k,j}$ between ranks (the paper passes partial
-reductions along the pipeline), which is not implemented. A method's ``after_step`` transforms
+Across ranks (:class:`DistributedPostValidation`): each rank steps its own stages
+optimistically on their own norms and sends its $n_{k,j}$ to every rank with an asynchronous
+``all_gather`` on a gloo group of its own as soon as its stages have reported update $j$ (no
+rank waits for it); the validation happens in :meth:`DistributedPostValidation.validate`, after
+every ``schedule.step()``, on every rank with the same norms. The paper passes partial
+reductions along the pipeline instead; one small all-gather per update is simpler and its
+latency is hidden behind the rest of the step. Validation at the end of the step is the
+*deferred* rule (``PostValidation(..., deferred=True)``), which the simulator runs too, so the
+distributed run equals the simulator bit for bit, redone steps included (tested on 2 ranks).
+
+A method's ``after_step`` transforms
 (e.g. quasi-hyperbolic momentum, the default method's) are part of the step: they run on the
 clipped gradient, are undone with it and redone with it (the transforms' own state, the worker's
 ``transform_state``, is in the snapshot). Step hooks on the optimizer (e.g. an LR scheduler
@@ -55,7 +62,7 @@ from torch import Tensor
 
 from .semantics import StageWorker
 
-__all__ = ["PostValidation"]
+__all__ = ["DistributedPostValidation", "PostValidation"]
 
 
 @dataclass
@@ -99,6 +106,14 @@ class PostValidation:
         eps: $\epsilon$ of the coefficient (torch's ``clip_grad_norm_`` uses ``1e-6``).
         record: Keep, per stage, every validated update's raw gradient, group entries and
             (skip, coefficient) in :attr:`history` (for tests and audits; costs memory).
+        deferred: Validate only when :meth:`validate` is called (after every step of the
+            pipeline), and step optimistically with what the stage's *own* norm gives (skip if
+            it is not finite, clip by it if it alone exceeds ``max_norm``). The validation
+            points and the optimistic steps then depend on nothing but the stage and the step,
+            which is what a distributed run can reproduce
+            (:class:`DistributedPostValidation` is deferred): with it the simulator is the
+            distributed run's oracle, bit for bit, redone steps included. The cost: each stage
+            keeps a snapshot per update until the end of the step.
 
     Attributes:
         redone: Stage steps restored and redone after validation.
@@ -107,13 +122,17 @@ class PostValidation:
         history: ``[[(grads, hyper, (skipped, coefficient)), ...] per stage]`` if ``record``.
 
     Raises:
-        ValueError: no workers, workers of different ``update_every``, a method with
-            ``after_step`` transforms, a non-positive ``max_norm`` or ``eps``.
+        ValueError: no workers, workers of different ``update_every``, a non-positive
+            ``max_norm`` or ``eps``.
+        TypeError: ``deferred`` not a bool.
     """
 
     def __init__(self, workers: Sequence[StageWorker], *, max_norm: float | None = None,
-                 skip_nonfinite: bool = True, eps: float = 1e-6, record: bool = False) -> None:
+                 skip_nonfinite: bool = True, eps: float = 1e-6, record: bool = False,
+                 deferred: bool = False) -> None:
         workers = list(workers)
+        if not isinstance(deferred, bool):
+            raise TypeError(f"deferred must be a bool, got {deferred!r}")
         if not workers or not all(isinstance(w, StageWorker) for w in workers):
             raise ValueError("workers must be a non-empty sequence of StageWorker (stage 0 "
                              "first), e.g. PipelineSimulator.workers")
@@ -125,6 +144,10 @@ class PostValidation:
         if isinstance(eps, bool) or not eps > 0:
             raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.workers = workers
+        self.deferred = deferred
+        #: The global stage index of each worker and the number of stages of the pipeline.
+        self._ids: list[int] = list(range(len(workers)))
+        self._total = len(workers)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.eps = float(eps)
@@ -235,21 +258,33 @@ class PostValidation:
         self._count[k] += 1
         grads = [None if p.grad is None else p.grad.detach().clone() for p in w.params]
         norms = self._norms.setdefault(j, {})
-        norms[k] = _stage_norm([g for g in grads if g is not None])
+        norms[self._ids[k]] = _stage_norm([g for g in grads if g is not None])
         snapshot = self._snapshot(w)
-        used = self.coefficient([norms[s] for s in sorted(norms)])
+        known = [norms[self._ids[k]]] if self.deferred else [norms[s] for s in sorted(norms)]
+        used = self.coefficient(known)
         self._pending[k].append(_Pending(j, snapshot, grads, snapshot["groups"], used))
         made = w._steps_made
         self._apply(k, grads, used, None)  # runs the method's after_step corrections itself,
         w._steps_made = made                # so the worker must not run them again
         for p in w.params:  # as after a plain step: the worker zeroes them next
             p.grad = None
-        if len(norms) == len(self.workers):
+        self._reported(j)
+
+    def _reported(self, j: int) -> None:
+        """A stage reported update ``j``: validate it once every stage has (unless deferred)."""
+        if not self.deferred and len(self._norms[j]) == self._total:
             self._validate(j)
+
+    def validate(self) -> None:
+        """Validate every update all stages have reported (``deferred=True``: call it after
+        every ``step`` of the pipeline; without deferral updates validate on their own)."""
+        for j in sorted(self._norms):
+            if len(self._norms[j]) == self._total:
+                self._validate(j)
 
     def _validate(self, j: int) -> None:
         norms = self._norms.pop(j)
-        final = self.coefficient([norms[s] for s in range(len(self.workers))])
+        final = self.coefficient([norms[s] for s in range(self._total)])
         self.skipped += final[0]
         self.clipped += final[1] is not None
         for k, w in enumerate(self.workers):
@@ -272,3 +307,94 @@ class PostValidation:
     def pending(self) -> list[int]:
         """Updates awaiting validation, per stage."""
         return [len(q) for q in self._pending]
+
+
+class DistributedPostValidation(PostValidation):
+    r"""Post-validation across the ranks of a pipeline: the norms travel by an asynchronous
+    ``all_gather`` (see the module docstring), the validation waits for them after each step.
+
+    Construct it on every rank, with the rank's own attached stages, after the schedule
+    exists and before its first step; call :meth:`validate` after every ``schedule.step()``
+    (before reading the weights or saving a checkpoint)::
+
+        stages, schedule = build_pipeline(modules, "1F1B", rank=rank, world_size=world,
+                                          n_microbatches=8, make_optimizer=make_opt,
+                                          loss_fn=F.cross_entropy)
+        pv = DistributedPostValidation(stages, max_norm=1.0)
+        for x, y in batches:
+            schedule.step(...)
+            pv.validate()
+
+    Args:
+        stages: This rank's :class:`~predictopt.pipeline.runtime.PredictiveStage` objects,
+            attached to their schedule (``build_pipeline`` or ``attach(schedule)``); every rank
+            the same number.
+        group: The process group of the pipeline's ranks (default: the world). The norms go
+            through a new gloo group over the same ranks (created here, a collective call), so
+            that they never queue behind the pipeline's own messages and work under NCCL.
+        max_norm, skip_nonfinite, eps, record: As for :class:`PostValidation`.
+
+    Raises:
+        ValueError: a stage not attached to a schedule, stages of different pipelines, ranks
+            with different numbers of stages, or as :class:`PostValidation`.
+        RuntimeError: ``torch.distributed`` not initialised.
+    """
+
+    def __init__(self, stages: Sequence[Any], *, group: Any = None,
+                 max_norm: float | None = None, skip_nonfinite: bool = True,
+                 eps: float = 1e-6, record: bool = False) -> None:
+        import torch.distributed as dist
+
+        from .runtime import PredictiveStage
+
+        stages = list(stages)
+        if not stages or not all(isinstance(s, PredictiveStage) for s in stages):
+            raise ValueError("stages must be a non-empty sequence of this rank's "
+                             "PredictiveStage objects")
+        detached = [s.stage_index for s in stages if s.worker is None]
+        if detached:
+            raise ValueError(f"stages {detached} are not attached to a schedule: build them "
+                             "with build_pipeline(...) or call attach(schedule) first")
+        if len({s.num_stages for s in stages}) != 1:
+            raise ValueError("the stages belong to pipelines of different lengths: "
+                             f"{[s.num_stages for s in stages]}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistributedPostValidation needs torch.distributed initialised "
+                               "(init_process_group) on every rank")
+        super().__init__([s.worker for s in stages], max_norm=max_norm,
+                         skip_nonfinite=skip_nonfinite, eps=eps, record=record, deferred=True)
+        self._ids = [stages[k].stage_index for k in range(len(stages))]
+        self._total = stages[0].num_stages
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        self._group = dist.new_group(ranks=ranks, backend="gloo")
+        self._world = dist.get_world_size(self._group)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world)]
+        dist.all_gather(counts, torch.tensor([len(stages)]), group=self._group)
+        if len({int(c) for c in counts}) != 1:
+            raise ValueError(f"every rank must pass the same number of stages, got "
+                             f"{[int(c) for c in counts]} per rank")
+        if len(counts) * len(stages) != self._total:
+            raise ValueError(f"the ranks hold {len(counts) * len(stages)} stages, the pipeline "
+                             f"has {self._total}")
+        self._inflight: list[tuple[int, Any, list[Tensor]]] = []
+
+    def _reported(self, j: int) -> None:
+        norms = self._norms[j]
+        if not all(i in norms for i in self._ids):
+            return
+        local = torch.stack([torch.tensor([float(i) for i in self._ids]),
+                             torch.stack([norms[i] for i in self._ids])])
+        outs = [torch.empty_like(local) for _ in range(self._world)]
+        work = torch.distributed.all_gather(outs, local, group=self._group, async_op=True)
+        self._inflight.append((j, work, outs))
+
+    def validate(self) -> None:
+        """Wait for the norms of every update this rank's stages made and validate them."""
+        while self._inflight:
+            j, work, outs = self._inflight.pop(0)
+            work.wait()
+            norms = self._norms[j]
+            for t in outs:
+                for i, n in zip(t[0].tolist(), t[1]):
+                    norms.setdefault(int(i), n.clone())
+            super().validate()
