@@ -499,3 +499,44 @@ def simulate_postvalidation(cfg: dict[str, Any], i: int, world_size: int) -> dic
         pv.validate()
     return {"modules": modules, "losses": torch.tensor(losses, dtype=torch.float32),
             "counters": (pv.redone, pv.clipped, pv.skipped, pv.pending)}
+
+
+def bitpipe_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Train every config with BitPipeRuntime; this rank's copies' weights and losses."""
+    from predictopt.pipeline import BitPipeRuntime
+
+    out: dict[str, Any] = {}
+    for i, cfg in enumerate(configs):
+        batches = make_batches(cfg["n"], cfg["steps"], seed=i)
+        torch.manual_seed(100 + i)
+        modules = make_stages(2 * world_size, dropout=cfg.get("dropout", 0.0))
+        rt = BitPipeRuntime(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"],
+                            n_microbatches=cfg["n"], loss_fn=F.cross_entropy)
+        losses: dict[int, list[float]] = {}
+        edge = rank in (0, world_size - 1)
+        for x, y in batches:
+            for mb, v in (rt.step(x, y) if edge else rt.step()).items():
+                losses.setdefault(mb, []).append(v)
+        out[config_tag({**cfg, "schedule": "BitPipe"})] = {
+            "weights": {key: [p.detach().clone() for p in w.module.parameters()]
+                        for key, w in rt.copies.items()},
+            "losses": losses}
+        dist.barrier()
+    return out
+
+
+def simulate_bitpipe(cfg: dict[str, Any], i: int, world_size: int) -> dict[str, Any]:
+    from predictopt.pipeline import BitPipeSimulator
+
+    batches = make_batches(cfg["n"], cfg["steps"], seed=i)
+    torch.manual_seed(100 + i)
+    modules = make_stages(2 * world_size, dropout=cfg.get("dropout", 0.0))
+    sim = BitPipeSimulator(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"],
+                           n_microbatches=cfg["n"], loss_fn=F.cross_entropy)
+    losses: dict[int, list[float]] = {}
+    for x, y in batches:
+        for mb, v in enumerate(sim.step(x, y)):
+            losses.setdefault(mb, []).append(v)
+    return {"weights": {key: [p.detach().clone() for p in w.module.parameters()]
+                        for key, w in sim.copies.items()}, "losses": losses}

@@ -109,7 +109,8 @@ def _state(sim, rep):
     return out
 
 
-@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "pipeoptim-lean", "gpipe"])
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "pipeoptim-lean", "gpipe", "qh-dl",
+                                    "pipemare"])
 def test_the_two_copies_stay_equal_and_runs_repeat(method):
     runs = []
     for _ in range(2):
@@ -192,3 +193,61 @@ def test_cli_staleness_and_compare(tmp_path, capsys):
     assert res["methods"]["pipeoptim"]["schedule"] == "BitPipe"
     assert res["methods"]["gpipe"]["updates_per_step"] == 1
     assert res["methods"]["pipeoptim"]["updates_per_step"] == 4  # 8 micro-batches, pairs
+
+
+# ------------------------------------------------------------------ across processes
+
+_RUNTIME_CONFIGS = [
+    {"method": "pipeoptim", "opt": "adamw", "n": 4, "steps": 2},
+    {"method": "qh-dl", "opt": "adamw", "n": 4, "steps": 2},
+    {"method": "pipedream", "opt": "sgdm", "n": 8, "steps": 2},
+    {"method": "gpipe", "opt": "adam", "n": 4, "steps": 2},
+    {"method": "pipeoptim", "opt": "adamw", "n": 4, "steps": 2, "dropout": 0.3},
+]
+
+
+@pytest.mark.timeout(240)
+def test_bitpipe_runtime_equals_the_simulator_bit_for_bit():
+    """Two gloo ranks (K = 2, four chunks, both replicas): every copy's weights and every
+    micro-batch's loss equal BitPipeSimulator's, dropout included."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _dist
+
+    results = _dist.launch(_dist.bitpipe_worker, 2, _RUNTIME_CONFIGS, timeout=200.0,
+                           pg_timeout=60.0)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    for i, cfg in enumerate(_RUNTIME_CONFIGS):
+        tag = _dist.config_tag({**cfg, "schedule": "BitPipe"})
+        ref = _dist.simulate_bitpipe(cfg, i, 2)
+        seen, losses = set(), {}
+        for res in results:
+            got = res["value"][tag]
+            for key, ws in got["weights"].items():
+                seen.add(key)
+                for p, q in zip(ws, ref["weights"][key], strict=True):
+                    assert torch.equal(p, q), (tag, key)
+            losses.update(got["losses"])
+        assert seen == set(ref["weights"]), tag
+        assert losses == ref["losses"], tag
+
+
+def test_bitpipe_runtime_needs_a_process_group():
+    from predictopt.pipeline import BitPipeRuntime
+
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        BitPipeRuntime([torch.nn.Linear(2, 2) for _ in range(4)], torch.optim.SGD,
+                       n_microbatches=4)
+
+
+def test_release_update_without_a_postponed_update_raises():
+    from predictopt.pipeline import StageWorker
+
+    m = torch.nn.Linear(2, 2)
+    w = StageWorker(m, torch.optim.SGD(m.parameters(), lr=0.1), method="pipedream",
+                    staleness=[0, 0])
+    with pytest.raises(RuntimeError, match="no update is waiting"):
+        w.release_update()

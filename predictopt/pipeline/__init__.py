@@ -3,6 +3,7 @@ methods (:mod:`~predictopt.pipeline.methods`, one registry of :class:`Method` va
 per-stage training semantics (:class:`StageWorker`) and a single-process simulator."""
 
 from predictopt.pipeline.bitpipe import BITPIPE_SCHEDULE, BitPipeSimulator
+from predictopt.pipeline.bitpipe_runtime import BitPipeRuntime
 from predictopt.pipeline.methods import (
     DEFAULT_METHOD,
     Cadence,
@@ -86,6 +87,7 @@ __all__ = [
     "DistributedPostValidation",
     "PostValidation",
     "BITPIPE_SCHEDULE",
+    "BitPipeRuntime",
     "BitPipeSimulator",
     "METHODS",
     "PIPELINE_METHODS",

@@ -36,9 +36,10 @@ synchronisation points at the same time: the wait costs nothing (`bitpipe_timeli
 with the waits included).
 
 Scope: `BitPipeSimulator` trains with it in one process (every method that runs on torch's
-schedules). A distributed run is not provided: torch's pipelining assumes one chain of stages in
-which stage ``s`` feeds ``s + 1`` and every stage processes every micro-batch, which two
-pipelines over the same chunks are not.
+schedules); each copy's update runs in its own worker (its learning-rate factor, its after-step
+corrections), the first copy of a pair postponed until its partner's window completes.
+`~predictopt.pipeline.bitpipe_runtime.BitPipeRuntime` runs it across processes, bit for bit
+the same.
 """
 
 from __future__ import annotations
@@ -341,34 +342,53 @@ class BitPipeSimulator:
                 mod, make_optimizer(mod.parameters()), method=spec, staleness=table,
                 update_every=u, input_grads=c > 0, stage=c, num_stages=2 * k)
         self.workers = [self.copies[(r, c)] for r in "AB" for c in range(2 * k)]
-        self._pairs: dict[int, dict[str, Any]] = {c: {"A": [], "B": []} for c in range(2 * k)}
+        #: chunk -> (replica, forwards) of the copy whose window completed first
+        self._waiting: dict[int, tuple[str, int]] = {}
+        #: chunk -> the gradient the copy that stepped first used (its partner's turn next)
+        self._sent: dict[int, list[Tensor | None]] = {}
         self._real = {key: w.optimizer.step for key, w in self.copies.items()}
         for key, w in self.copies.items():
             w.optimizer.step = (lambda _key=key: self._step(_key))  # type: ignore[method-assign]
+            w.update_gate = (lambda _w, _key=key: self._gate(_key))
+
+    def _gate(self, key: tuple[str, int]) -> bool:
+        """A copy completed an update window: the first of a pair waits (its update is
+        postponed); the second releases the first's update, then makes its own. Each update
+        runs in its own worker (its learning-rate factor, its after-step corrections), as on
+        two ranks."""
+        rep, c = key
+        if c not in self._waiting:
+            self._waiting[c] = (rep, self.copies[key].num_forwards)
+            return False
+        first, forwards = self._waiting.pop(c)
+        w = self.copies[(first, c)]
+        if w.num_forwards != forwards:
+            raise RuntimeError(f"chunk {c}: a copy ran a forward between its update window and "
+                               "its partner's; the order ignores the eager synchronisation")
+        w.release_update()
+        return True
 
     @torch.no_grad()
     def _step(self, key: tuple[str, int]) -> None:
-        """A copy's update: wait for its partner's, then both step on the mean gradient."""
+        """A copy's optimizer step: on the mean of both copies' gradients of the window, the
+        first copy's (``A``) first. The copy stepping first reads its partner's gradient as the
+        partner's update will see it (the window's mean: divided by its size)."""
         rep, c = key
         w = self.copies[key]
-        grads = [None if p.grad is None else p.grad.clone() for p in w.params]
-        self._pairs[c][rep].append((grads, w.num_forwards))
-        pa, pb = self._pairs[c]["A"], self._pairs[c]["B"]
-        if not (pa and pb):
-            return
-        (ga, fa), (gb, fb) = pa.pop(0), pb.pop(0)
-        if (fa, fb) != (self.copies[("A", c)].num_forwards, self.copies[("B", c)].num_forwards):
-            raise RuntimeError(f"chunk {c}: a copy ran a forward between its update window and "
-                               "its partner's; the order ignores the eager synchronisation")
+        mine = [None if p.grad is None else p.grad.clone() for p in w.params]
+        if c in self._sent:
+            theirs = self._sent.pop(c)
+        else:
+            partner = self.copies[("B" if rep == "A" else "A", c)]
+            u = partner.update_every
+            theirs = [None if p.grad is None else (p.grad / float(u) if u > 1 else p.grad.clone())
+                      for p in partner.params]
+            self._sent[c] = mine
+        ga, gb = (mine, theirs) if rep == "A" else (theirs, mine)
         mean = [None if a is None else (a + b) / 2 for a, b in zip(ga, gb)]
-        for r in "AB":
-            wr = self.copies[(r, c)]
-            keep = [p.grad for p in wr.params]
-            for p, g in zip(wr.params, mean):
-                p.grad = None if g is None else g.clone()
-            self._real[(r, c)]()
-            for p, g in zip(wr.params, keep):
-                p.grad = g
+        for p, g in zip(w.params, mean):  # the step and the method's after-step corrections
+            p.grad = g                      # see the mean (the worker clears it after)
+        self._real[key]()
 
     def step(self, x: Tensor, y: Tensor) -> list[float]:
         """One step on a batch (``n`` micro-batches, half per direction); the losses in

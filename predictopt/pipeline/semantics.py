@@ -428,6 +428,10 @@ class StageWorker:
         #: scaled is restored and the gradients are cleared (e.g. a learning-rate scheduler
         #: stepped once per update: it then sees the optimizer's own ``lr``).
         self.after_update: list[Any] = []
+        #: ``gate(worker) -> bool``, asked when an update window completes: ``False`` postpones
+        #: the update until :meth:`release_update` (BitPipe's simulator: the first copy of a
+        #: chunk waits there for its partner's window; ``None``: update at once).
+        self.update_gate: Any = None
         self._warned_lr = False
         #: Steps the stage optimizer really made: an ``after_step`` transform corrects an update
         #: only when the optimizer made it (GradScaler and Lightning's 16-bit precision skip
@@ -824,13 +828,26 @@ class StageWorker:
         self.num_backwards += 1
         self._accumulated += 1
         self._covered.append(mb)
-        if self._accumulated == self.update_every:
+        if self._accumulated == self.update_every and (
+                self.update_gate is None or self.update_gate(self)):
             self._update()
         self._done_in_step += 1
         if self._done_in_step == self.n_microbatches and not self._chunks:
             self._forwarded.clear()  # a step is over (schedules flush)
             self._done_in_step = 0
             self.step_index += 1
+
+    def release_update(self) -> None:
+        """Make the update an ``update_gate`` postponed (its window complete, nothing run on
+        the stage since).
+
+        Raises:
+            RuntimeError: no postponed update.
+        """
+        if self._accumulated != self.update_every:
+            raise RuntimeError("release_update: no update is waiting (its window is not "
+                               "complete)")
+        self._update()
 
     @torch.no_grad()
     def _update(self) -> None:
