@@ -69,7 +69,7 @@ __all__ = [
 #: The method used when none is given (``PipelineSimulator``, ``PredictiveStage``, the
 #: Lightning strategy, ``predictopt compare``): the one the study (docs/study.md) found closest
 #: to staleness-free training on the transformer yardstick.
-DEFAULT_METHOD = "qh-dl"
+DEFAULT_METHOD = "pipeoptim-qh-dl"
 
 FORWARD_SOURCES = ("current", "previous", "predicted")
 BACKWARD_SOURCES = ("forward", "current")

@@ -315,7 +315,8 @@ class DistributedPostValidation(PostValidation):
 
     Construct it on every rank, with the rank's own attached stages, after the schedule
     exists and before its first step; call :meth:`validate` after every ``schedule.step()``
-    (before reading the weights or saving a checkpoint)::
+    (before reading the weights or saving a checkpoint). Attaching the stages to another
+    schedule makes new workers: construct a new one then::
 
         stages, schedule = build_pipeline(modules, "1F1B", rank=rank, world_size=world,
                                           n_microbatches=8, make_optimizer=make_opt,
