@@ -618,3 +618,36 @@ def test_check_determinism_warns_when_thread_counts_differ() -> None:
         msgs = r["value"]["warnings"]
         assert len(msgs) == 1 and "threads (rank 0: 1, rank 1: 2)" in msgs[0]
         assert [s["threads"] for s in r["value"]["settings"]] == [1, 2]
+
+
+def test_distributed_post_validation_on_one_rank(one_rank) -> None:
+    """Not attached: an error naming the fix. Attached (one rank holds the whole pipeline):
+    clipping by post-validation equals the simulator's deferred post-validation bit for bit."""
+    from predictopt.pipeline import DistributedPostValidation, PostValidation, attach
+
+    stages = _stages("1F1B", method="gpipe")
+    with pytest.raises(ValueError, match="not attached to a schedule"):
+        DistributedPostValidation(stages, max_norm=0.1)
+    sched = make_native(stages, "1F1B", 4)
+    attach(sched)
+    pv = DistributedPostValidation(stages, max_norm=0.1)
+    sim = PipelineSimulator(make_stages(1, 1), OPTIMIZERS["adamw"], method="gpipe",
+                            schedule="1F1B", n_microbatches=4, loss_fn=F.cross_entropy)
+    ref = PostValidation(sim.workers, max_norm=0.1, deferred=True)
+    for x, y in make_batches(4, 3):
+        _step(sched, 3 * x, y)
+        pv.validate()
+        sim.step(3 * x, y)
+        ref.validate()
+    assert pv.clipped == ref.clipped == 3 and pv.pending == [0]
+    for p, q in zip(stages[0].submod.parameters(), sim.stages[0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bitpipe_runtime_needs_its_k_ranks(one_rank) -> None:
+    from predictopt.pipeline import BitPipeRuntime
+
+    with pytest.raises(ValueError, match="runs on K = 2 ranks; the process group has 1"):
+        BitPipeRuntime(make_stages(4), OPTIMIZERS["adamw"], n_microbatches=4)
+    with pytest.raises(ValueError, match="num_chunks"):
+        BitPipeRuntime(lambda c: make_stages(4)[c], OPTIMIZERS["adamw"], n_microbatches=4)
