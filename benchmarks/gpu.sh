@@ -33,9 +33,10 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
 
 echo "== 3/3 runtime overhead on the visible GPUs"
 overhead="$OUT/pipeline_overhead.json"
+DEFAULT="$("$PY" -c 'from predictopt.pipeline import DEFAULT_METHOD; print(DEFAULT_METHOD)')"
 if [ -e "$overhead" ]; then overhead="$OUT/pipeline_overhead-$(date -u +%Y%m%d-%H%M%S).json"; fi
 timeout 120 "$PY" -m benchmarks.bench_pipeline --device cuda --stage mlp --optimizer fused \
-  --variants gpipe pipedream pipeoptim pipeoptim-lean --rounds 3 --warmup 2 --steps 4 \
+  --variants gpipe pipedream pipeoptim pipeoptim-lean "$DEFAULT" --rounds 3 --warmup 2 --steps 4 \
   --out "$overhead" | tee "$LOG/overhead.txt" || status=1
 
 echo

@@ -450,6 +450,7 @@ def compare_lm(cfg: LMConfig, methods: Sequence[str], seeds: Sequence[int], out:
                 done[n, seed] = r = run_lm(n, cfg, seed, progress=bar)
                 cache.add(r)
         else:
+            todo.sort(key=lambda job: job[0] == "sequential")  # the longer runs first
             for r in _run_parallel([(asdict(cfg), n, s, threads) for n, s in todo],
                                    min(processes, len(todo)), bar):
                 done[r["method"], r["seed"]] = r
