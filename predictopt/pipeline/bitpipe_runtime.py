@@ -66,8 +66,11 @@ class BitPipeRuntime:
             :class:`~predictopt.pipeline.BitPipeSimulator` does.
         make_optimizer: ``make_optimizer(params)``, once per copy.
         num_chunks: ``2K`` when ``stages`` is a callable (ignored otherwise).
-        method, n_microbatches, loss_fn, update_every: As for
-            :class:`~predictopt.pipeline.BitPipeSimulator`.
+        n_microbatches: Micro-batches per step (even; half per direction).
+        method: A method that runs on torch's schedules (as for
+            :class:`~predictopt.pipeline.BitPipeSimulator`).
+        loss_fn: ``loss_fn(output, target)`` (a per-micro-batch mean).
+        update_every: Completed backwards of one copy per update (default: the method's).
 
     Attributes:
         rank, num_ranks: This rank and ``K``.
@@ -193,8 +196,9 @@ class BitPipeRuntime:
         """Run this rank's actions of one step.
 
         Args:
-            x, y: The batch and its targets (``n_microbatches`` equal micro-batches), on the
-                ranks holding a replica's first or last chunk (``0`` and ``K - 1``).
+            x: The batch (``n_microbatches`` equal micro-batches), on the ranks holding a
+                replica's first or last chunk (``0`` and ``K - 1``).
+            y: Its targets, on the same ranks.
 
         Returns:
             ``{micro-batch: loss}`` for the micro-batches whose last chunk is on this rank.

@@ -333,7 +333,10 @@ class DistributedPostValidation(PostValidation):
         group: The process group of the pipeline's ranks (default: the world). The norms go
             through a new gloo group over the same ranks (created here, a collective call), so
             that they never queue behind the pipeline's own messages and work under NCCL.
-        max_norm, skip_nonfinite, eps, record: As for :class:`PostValidation`.
+        max_norm: As for :class:`PostValidation`.
+        skip_nonfinite: As for :class:`PostValidation`.
+        eps: As for :class:`PostValidation`.
+        record: As for :class:`PostValidation`.
 
     Raises:
         ValueError: a stage not attached to a schedule, stages of different pipelines, ranks
