@@ -490,17 +490,22 @@ class _QueueProgress:
 def _run_reporting(job: tuple[dict[str, Any], str, int, int, Any]) -> dict[str, Any]:
     cfg, method, seed, threads, queue = job
     torch.set_num_threads(threads)
-    return run_lm(method, LMConfig(**cfg), seed, progress=_QueueProgress(queue))
+    progress = None if queue is None else _QueueProgress(queue)
+    return run_lm(method, LMConfig(**cfg), seed, progress=progress)
 
 
 def _run_parallel(jobs: Sequence[tuple[dict[str, Any], str, int, int]], processes: int,
-                  bar: Any) -> Iterator[dict[str, Any]]:
+                  bar: Any = None) -> Iterator[dict[str, Any]]:
     """Run ``jobs`` in ``processes`` spawned workers; yield the records as they finish while a
-    thread moves the workers' step counts onto ``bar``."""
+    thread moves the workers' step counts onto ``bar`` (if any)."""
     import multiprocessing as mp
     import threading
 
     ctx = mp.get_context("spawn")
+    if bar is None:
+        with ctx.Pool(processes) as pool:
+            yield from pool.imap_unordered(_run_reporting, [(*j, None) for j in jobs])
+        return
     with ctx.Manager() as manager:
         queue = manager.Queue()
 
@@ -532,34 +537,23 @@ def applicable(method: str, cfg: LMConfig) -> bool:
     return True
 
 
-def _run_job(job: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
-    cfg, method, seed = job
-    torch.set_num_threads(1)
-    return run_lm(method, LMConfig(**cfg), seed)
-
-
 def run_grid(configs: Sequence[LMConfig], methods: Sequence[str], seeds: Sequence[int],
              cache: RunCache, *, processes: int = 1,
              log: Callable[[str], None] = print) -> None:
     """Run every (setting, method, seed) missing from ``cache``, ``processes`` at a time
     (one intra-op thread each), storing each record as it finishes. Runs are independent and
     deterministic, so the order and the parallelism do not change any number."""
-    jobs = [(asdict(c), m, s) for c in configs for s in seeds for m in methods
+    jobs = [(asdict(c), m, s, 1) for c in configs for s in seeds for m in methods
             if cache.get(c, m, s) is None and applicable(m, c)]
     log(f"{len(jobs)} runs to do ({processes} at a time)")
     if not jobs:
         return
     if processes <= 1:
-        for j in jobs:
-            r = _run_job(j)
-            cache.add(r)
-            log(f"{r['method']} {r['config']['stages']} stages {r['config']['optimizer']} seed "
-                f"{r['seed']}: {r['final_loss']:.4f} ({r['time_s']:.0f} s)")
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(processes) as pool:
-        for r in pool.imap_unordered(_run_job, jobs):
-            cache.add(r)
-            log(f"{r['method']} {r['config']['stages']} stages {r['config']['optimizer']} seed "
-                f"{r['seed']}: {r['final_loss']:.4f} ({r['time_s']:.0f} s)")
+        torch.set_num_threads(1)
+        records: Iterable[dict[str, Any]] = (run_lm(m, LMConfig(**c), s) for c, m, s, _ in jobs)
+    else:
+        records = _run_parallel(jobs, processes)
+    for r in records:
+        cache.add(r)
+        log(f"{r['method']} {r['config']['stages']} stages {r['config']['optimizer']} seed "
+            f"{r['seed']}: {r['final_loss']:.4f} ({r['time_s']:.0f} s)")

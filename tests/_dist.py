@@ -501,27 +501,34 @@ def simulate_postvalidation(cfg: dict[str, Any], i: int, world_size: int) -> dic
             "counters": (pv.redone, pv.clipped, pv.skipped, pv.pending)}
 
 
+def _bitpipe_run(cls: Any, cfg: dict[str, Any], i: int, world_size: int,
+                 step: Callable[[Any, Any, Any], dict[int, float]]) -> dict[str, Any]:
+    """Config ``i`` trained by ``cls`` (BitPipeSimulator or BitPipeRuntime) from the same seeds
+    and batches; the copies' weights and ``{micro-batch: [loss per step]}``."""
+    batches = make_batches(cfg["n"], cfg["steps"], seed=i)
+    torch.manual_seed(100 + i)
+    modules = make_stages(2 * world_size, dropout=cfg.get("dropout", 0.0))
+    run = cls(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"], n_microbatches=cfg["n"],
+              loss_fn=F.cross_entropy)
+    losses: dict[int, list[float]] = {}
+    for x, y in batches:
+        for mb, v in step(run, x, y).items():
+            losses.setdefault(mb, []).append(v)
+    return {"weights": {key: [p.detach().clone() for p in w.module.parameters()]
+                        for key, w in run.copies.items()}, "losses": losses}
+
+
 def bitpipe_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
                    ) -> dict[str, Any]:
     """Train every config with BitPipeRuntime; this rank's copies' weights and losses."""
     from predictopt.pipeline import BitPipeRuntime
 
+    edge = rank in (0, world_size - 1)  # the ranks holding first and last chunks
     out: dict[str, Any] = {}
     for i, cfg in enumerate(configs):
-        batches = make_batches(cfg["n"], cfg["steps"], seed=i)
-        torch.manual_seed(100 + i)
-        modules = make_stages(2 * world_size, dropout=cfg.get("dropout", 0.0))
-        rt = BitPipeRuntime(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"],
-                            n_microbatches=cfg["n"], loss_fn=F.cross_entropy)
-        losses: dict[int, list[float]] = {}
-        edge = rank in (0, world_size - 1)
-        for x, y in batches:
-            for mb, v in (rt.step(x, y) if edge else rt.step()).items():
-                losses.setdefault(mb, []).append(v)
-        out[config_tag({**cfg, "schedule": "BitPipe"})] = {
-            "weights": {key: [p.detach().clone() for p in w.module.parameters()]
-                        for key, w in rt.copies.items()},
-            "losses": losses}
+        out[config_tag({**cfg, "schedule": "BitPipe"})] = _bitpipe_run(
+            BitPipeRuntime, cfg, i, world_size,
+            lambda rt, x, y: rt.step(x, y) if edge else rt.step())
         dist.barrier()
     return out
 
@@ -529,14 +536,14 @@ def bitpipe_worker(rank: int, world_size: int, configs: list[dict[str, Any]]
 def simulate_bitpipe(cfg: dict[str, Any], i: int, world_size: int) -> dict[str, Any]:
     from predictopt.pipeline import BitPipeSimulator
 
-    batches = make_batches(cfg["n"], cfg["steps"], seed=i)
-    torch.manual_seed(100 + i)
-    modules = make_stages(2 * world_size, dropout=cfg.get("dropout", 0.0))
-    sim = BitPipeSimulator(modules, OPTIMIZERS[cfg["opt"]], method=cfg["method"],
-                           n_microbatches=cfg["n"], loss_fn=F.cross_entropy)
-    losses: dict[int, list[float]] = {}
-    for x, y in batches:
-        for mb, v in enumerate(sim.step(x, y)):
-            losses.setdefault(mb, []).append(v)
-    return {"weights": {key: [p.detach().clone() for p in w.module.parameters()]
-                        for key, w in sim.copies.items()}, "losses": losses}
+    return _bitpipe_run(BitPipeSimulator, cfg, i, world_size,
+                        lambda sim, x, y: dict(enumerate(sim.step(x, y))))
+
+
+def launch_ok(fn: Callable[..., Any], world_size: int, *args: Any, **kw: Any) -> list[Any]:
+    """`launch`, failing with a rank's traceback if any rank failed; the ranks' values."""
+    results = launch(fn, world_size, *args, **kw)
+    for r, res in enumerate(results):
+        if not res["ok"]:
+            raise AssertionError(f"rank {r} failed:\n{res.get('error')}")
+    return [res["value"] for res in results]

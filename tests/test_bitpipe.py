@@ -216,16 +216,14 @@ def test_bitpipe_runtime_equals_the_simulator_bit_for_bit():
     sys.path.insert(0, os.path.dirname(__file__))
     import _dist
 
-    results = _dist.launch(_dist.bitpipe_worker, 2, _RUNTIME_CONFIGS, timeout=200.0,
-                           pg_timeout=60.0)
-    for r, res in enumerate(results):
-        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    values = _dist.launch_ok(_dist.bitpipe_worker, 2, _RUNTIME_CONFIGS, timeout=200.0,
+                             pg_timeout=60.0)
     for i, cfg in enumerate(_RUNTIME_CONFIGS):
         tag = _dist.config_tag({**cfg, "schedule": "BitPipe"})
         ref = _dist.simulate_bitpipe(cfg, i, 2)
         seen, losses = set(), {}
-        for res in results:
-            got = res["value"][tag]
+        for value in values:
+            got = value[tag]
             for key, ws in got["weights"].items():
                 seen.add(key)
                 for p, q in zip(ws, ref["weights"][key], strict=True):

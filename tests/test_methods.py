@@ -488,18 +488,12 @@ def _qh_plain(opt, nu):
                     p -= lr * (1 - nu) * (g / (1 - mu) - st["momentum_buffer"])
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
-    lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True, maximize=True),
-    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05),
-    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
-    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True),
-])
-def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
+def _qh_against_plain(make, shapes, workspace=None):
+    """Three steps of ``make``'s optimizer with ``QuasiHyperbolicMomentum(0.3)`` after each,
+    against the plain per-parameter formula (`_qh_plain`) on a copy; the optimizer used."""
     from predictopt.pipeline.methods import UpdateContext
 
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (5,), (2, 2, 2)]
     a = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64))
          for s in shapes]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
@@ -511,10 +505,22 @@ def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
             opt.step()
-        qh.after_step(ctx(), UpdateContext(oa, a, 0))
+        qh.after_step(ctx(), UpdateContext(oa, a, 0, workspace=workspace))
         _qh_plain(ob, 0.3)
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+    return oa
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True, maximize=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True),
+])
+def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
+    _qh_against_plain(make, [(3, 4), (5,), (2, 2, 2)])
 
 
 def test_discrepancy_correction_reads_the_extrapolated_weights_in_the_backward():
@@ -646,27 +652,11 @@ def test_delay_scaled_lr_leaves_muon_at_its_rate_unless_asked(muon):
 def test_quasi_hyperbolic_large_tensors_in_place_equal_the_plain_reference(make, use_workspace):
     """Tensors above the per-tensor threshold take the in-place path (one reused denominator
     buffer); beside small ones, the result is the plain formula's."""
-    from predictopt.pipeline.methods import UpdateContext
     from predictopt.pipeline.transforms import _PER_TENSOR_NUMEL
     from predictopt.workspace import Workspace
 
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(2 * _PER_TENSOR_NUMEL // 100, 100), (7,), (_PER_TENSOR_NUMEL + 3,)]
-    a = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float64))
-         for s in shapes]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    oa, ob = make(a), make(b)
     ws = Workspace() if use_workspace else None
-    qh = QuasiHyperbolicMomentum(0.3)
-    for _ in range(3):
-        grads = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
-        for ps, opt in ((a, oa), (b, ob)):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
-        qh.after_step(ctx(), UpdateContext(oa, a, 0, workspace=ws))
-        _qh_plain(ob, 0.3)
-        for p, q in zip(a, b):
-            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+    oa = _qh_against_plain(make, [(2 * _PER_TENSOR_NUMEL // 100, 100), (7,),
+                                  (_PER_TENSOR_NUMEL + 3,)], ws)
     if use_workspace and "betas" in oa.param_groups[0]:
         assert ws.nbytes > 0  # the denominator came from the workspace

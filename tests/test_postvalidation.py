@@ -250,17 +250,15 @@ def test_distributed_post_validation_equals_the_deferred_simulator_bit_for_bit()
     sys.path.insert(0, os.path.dirname(__file__))
     import _dist
 
-    results = _dist.launch(_dist.postvalidation_worker, 2, _DIST_CONFIGS, timeout=200.0,
-                           pg_timeout=60.0)
-    for r, res in enumerate(results):
-        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    values = _dist.launch_ok(_dist.postvalidation_worker, 2, _DIST_CONFIGS, timeout=200.0,
+                             pg_timeout=60.0)
     for i, cfg in enumerate(_DIST_CONFIGS):
         tag = _dist.config_tag(cfg)
         ref = _dist.simulate_postvalidation(cfg, i, 2)
         redone, clipped, skipped, pending = ref["counters"]
         assert redone > 0 and clipped > 0 and pending == [0] * len(ref["modules"]), tag
         assert skipped == (1 if cfg.get("poison") else 0), tag
-        got = [res["value"][tag] for res in results]
+        got = [value[tag] for value in values]
         assert sum(g["counters"][0] for g in got) == redone, tag
         assert all(g["counters"][1:3] == (clipped, skipped) for g in got), tag
         seen = set()

@@ -284,6 +284,41 @@ def _global_order(num_ranks: int, n: int, update_every: int) -> list[Action]:
     return [e.action for e in sorted(tl, key=lambda e: (e.start, e.rank))]
 
 
+def _configure(method: str | Method, num_chunks: int, n_microbatches: int,
+               update_every: int | None) -> tuple[Method, int, int, int]:
+    """``(method, K, m, u)`` of a BitPipe run over ``num_chunks`` chunks; ``u``: completed
+    backwards of one copy per update."""
+    spec = get_method(method)
+    if spec.staleness_free or spec.schedules is not None:
+        raise ValueError(f"method {spec.name!r} does not run on pipeline schedules")
+    if num_chunks % 2:
+        raise ValueError(f"BitPipe needs an even number (2K) of chunks, got {num_chunks}")
+    k, m = _check(num_chunks // 2, n_microbatches)
+    half = m // 2
+    u = spec.cadence.default(2 * k, half) if update_every is None else \
+        spec.cadence.check(_positive_int(update_every, "update_every"), 2 * k, half, spec.name)
+    return spec, k, m, u
+
+
+def _copy_workers(modules: Mapping[tuple[str, int], nn.Module],
+                  make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer], spec: Method,
+                  k: int, m: int, u: int) -> dict[tuple[str, int], StageWorker]:
+    """A :class:`StageWorker` per copy ``(replica, chunk)`` of ``modules``, with the copy's
+    staleness table."""
+    tables = bitpipe_staleness(k, m, update_every=u)
+    return {(rep, c): StageWorker(mod, make_optimizer(mod.parameters()), method=spec,
+                                  staleness=tables[(rep, c)], update_every=u, input_grads=c > 0,
+                                  stage=c, num_stages=2 * k)
+            for (rep, c), mod in sorted(modules.items(), key=lambda kv: (kv[0][1], kv[0][0]))}
+
+
+def _pair_mean(rep: str, mine: Sequence[Tensor | None],
+               theirs: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """$(g_A + g_B) / 2$ per parameter, replica ``A``'s first whichever copy computes it."""
+    ga, gb = (mine, theirs) if rep == "A" else (theirs, mine)
+    return [None if a is None else (a + b) / 2 for a, b in zip(ga, gb)]
+
+
 class BitPipeSimulator:
     """Trains a model with BitPipe in one process: two copies of every chunk, eager pair sync.
 
@@ -316,17 +351,10 @@ class BitPipeSimulator:
                  method: str | Method = DEFAULT_METHOD, n_microbatches: int,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                  update_every: int | None = None) -> None:
-        spec = get_method(method)
-        if spec.staleness_free or spec.schedules is not None:
-            raise ValueError(f"method {spec.name!r} does not run on pipeline schedules")
         if isinstance(stages, nn.Module) or not stages or len(stages) % 2:
             raise ValueError("stages must be a non-empty sequence of an even number (2K) of "
                              "nn.Module")
-        k, m = _check(len(stages) // 2, n_microbatches)
-        half = m // 2
-        u = spec.cadence.default(2 * k, half) if update_every is None else \
-            spec.cadence.check(_positive_int(update_every, "update_every"), 2 * k, half,
-                               spec.name)
+        spec, k, m, u = _configure(method, len(stages), n_microbatches, update_every)
         self.num_ranks, self.n_microbatches = k, m
         #: Completed backwards of one copy per update, and of both copies (micro-batches).
         self.copy_update_every, self.update_every = u, 2 * u
@@ -335,12 +363,8 @@ class BitPipeSimulator:
         self.staleness = bitpipe_staleness(k, m, update_every=u)
         self.order = _global_order(k, m, u)
         self.schedule = BITPIPE_SCHEDULE
-        self.copies: dict[tuple[str, int], StageWorker] = {}
-        for (rep, c), table in self.staleness.items():
-            mod = self.stages[rep][c]
-            self.copies[(rep, c)] = StageWorker(
-                mod, make_optimizer(mod.parameters()), method=spec, staleness=table,
-                update_every=u, input_grads=c > 0, stage=c, num_stages=2 * k)
+        self.copies = _copy_workers({(r, c): self.stages[r][c] for r in "AB"
+                                     for c in range(2 * k)}, make_optimizer, spec, k, m, u)
         self.workers = [self.copies[(r, c)] for r in "AB" for c in range(2 * k)]
         #: chunk -> (replica, forwards) of the copy whose window completed first
         self._waiting: dict[int, tuple[str, int]] = {}
@@ -384,10 +408,9 @@ class BitPipeSimulator:
             theirs = [None if p.grad is None else (p.grad / float(u) if u > 1 else p.grad.clone())
                       for p in partner.params]
             self._sent[c] = mine
-        ga, gb = (mine, theirs) if rep == "A" else (theirs, mine)
-        mean = [None if a is None else (a + b) / 2 for a, b in zip(ga, gb)]
-        for p, g in zip(w.params, mean):  # the step and the method's after-step corrections
-            p.grad = g                      # see the mean (the worker clears it after)
+        # the step and the method's after-step corrections see the mean (the worker clears it)
+        for p, g in zip(w.params, _pair_mean(rep, mine, theirs)):
+            p.grad = g
         self._real[key]()
 
     def step(self, x: Tensor, y: Tensor) -> list[float]:

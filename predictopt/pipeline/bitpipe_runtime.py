@@ -40,9 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .bitpipe import _check, bitpipe_actions, bitpipe_placement, bitpipe_staleness, replica_of
-from .methods import DEFAULT_METHOD, Method, get_method
-from .semantics import StageWorker
+from .bitpipe import (
+    _configure,
+    _copy_workers,
+    _pair_mean,
+    bitpipe_actions,
+    bitpipe_placement,
+    replica_of,
+)
+from .methods import DEFAULT_METHOD, Method
 
 __all__ = ["BitPipeRuntime"]
 
@@ -90,9 +96,6 @@ class BitPipeRuntime:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("BitPipeRuntime needs torch.distributed initialised "
                                "(init_process_group with the gloo backend) on every rank")
-        spec = get_method(method)
-        if spec.staleness_free or spec.schedules is not None:
-            raise ValueError(f"method {spec.name!r} does not run on pipeline schedules")
         if callable(stages) and not isinstance(stages, nn.Module):
             if num_chunks is None:
                 raise ValueError("num_chunks (2K) is required when stages is a callable")
@@ -102,34 +105,24 @@ class BitPipeRuntime:
                              "callable building chunk c")
         else:
             count = len(stages)
-        if count % 2:
-            raise ValueError(f"BitPipe needs an even number (2K) of chunks, got {count}")
-        k, m = _check(count // 2, n_microbatches)
+        spec, k, m, u = _configure(method, count, n_microbatches, update_every)
         world = dist.get_world_size()
         if world != k:
             raise ValueError(f"BitPipe on {count} chunks runs on K = {k} ranks; the process "
                              f"group has {world}")
-        half = m // 2
-        u = spec.cadence.default(2 * k, half) if update_every is None else \
-            spec.cadence.check(update_every, 2 * k, half, spec.name)
         self.rank, self.num_ranks, self.n_microbatches = dist.get_rank(), k, m
         self.copy_update_every, self.update_every = u, 2 * u
         self.loss_fn, self.method = loss_fn, spec.name
         self._place = bitpipe_placement(k)
         self.actions = bitpipe_actions(k, m)[self.rank]
-        tables = bitpipe_staleness(k, m, update_every=u)
-        self.copies: dict[tuple[str, int], StageWorker] = {}
+        mine: dict[tuple[str, int], nn.Module] = {}
         for c in sorted({c for (_, c), d in self._place.items() if d == self.rank}):
             module = stages(c) if callable(stages) and not isinstance(stages, nn.Module) \
                 else stages[c]
-            mods = {"A": module, "B": copy.deepcopy(module)}
-            for rep in "AB":
-                if self._place[(rep, c)] != self.rank:
-                    continue
-                self.copies[(rep, c)] = StageWorker(
-                    mods[rep], make_optimizer(mods[rep].parameters()), method=spec,
-                    staleness=tables[(rep, c)], update_every=u, input_grads=c > 0, stage=c,
-                    num_stages=2 * k)
+            for rep in "AB":  # replica B: a deep copy of the initial chunk, as the simulator
+                if self._place[(rep, c)] == self.rank:
+                    mine[(rep, c)] = module if rep == "A" else copy.deepcopy(module)
+        self.copies = _copy_workers(mine, make_optimizer, spec, k, m, u)
         self._real = {key: w.optimizer.step for key, w in self.copies.items()}
         self._syncs = dict.fromkeys(self.copies, 0)
         for key, w in self.copies.items():
@@ -174,21 +167,27 @@ class BitPipeRuntime:
         j = self._syncs[key]
         self._syncs[key] += 1
         tag = self._tag("sync", "A", c, j)
-        mine = [None if p.grad is None else p.grad.detach().clone() for p in w.params]
+        mine = [None if p.grad is None else p.grad.detach() for p in w.params]
         mask = torch.tensor([g is not None for g in mine], dtype=torch.uint8)
         self._send(mask, peer, tag, header=False)
-        for g in mine:
+        groups: dict[torch.dtype, list[int]] = {}  # one message per dtype, not per tensor
+        for i, g in enumerate(mine):
             if g is not None:
-                self._send(g, peer, tag, header=False)
-        theirs_mask = self._recv(peer, tag, like=mask)
-        if not torch.equal(theirs_mask, mask):
+                groups.setdefault(g.dtype, []).append(i)
+        for idx in groups.values():
+            self._send(torch.cat([mine[i].reshape(-1) for i in idx]), peer, tag, header=False)
+        if not torch.equal(self._recv(peer, tag, like=mask), mask):
             raise RuntimeError(f"chunk {c}: the two copies have gradients for different "
                                "parameters")
-        theirs = [None if g is None else self._recv(peer, tag, like=g) for g in mine]
-        ga, gb = (mine, theirs) if rep == "A" else (theirs, mine)
-        mean = [None if a is None else (a + b) / 2 for a, b in zip(ga, gb)]
-        for p, g in zip(w.params, mean):  # the step and the method's after-step corrections
-            p.grad = g                      # see the mean (the worker clears it after)
+        theirs: list[Tensor | None] = [None] * len(mine)
+        for dtype, idx in groups.items():
+            sizes = [mine[i].numel() for i in idx]
+            flat = self._recv(peer, tag, like=torch.empty(sum(sizes), dtype=dtype))
+            for i, part in zip(idx, flat.split(sizes)):
+                theirs[i] = part.view(mine[i].shape)
+        # the step and the method's after-step corrections see the mean (the worker clears it)
+        for p, g in zip(w.params, _pair_mean(rep, mine, theirs)):
+            p.grad = g
         self._real[key]()
 
     # ------------------------------------------------------------------ one step

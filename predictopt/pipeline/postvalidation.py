@@ -381,13 +381,13 @@ class DistributedPostValidation(PostValidation):
             raise ValueError(f"the ranks hold {len(counts) * len(stages)} stages, the pipeline "
                              f"has {self._total}")
         self._inflight: list[tuple[int, Any, list[Tensor]]] = []
+        self._id_row = torch.tensor(self._ids, dtype=torch.float32)  # sent beside the norms
 
     def _reported(self, j: int) -> None:
         norms = self._norms[j]
         if not all(i in norms for i in self._ids):
             return
-        local = torch.stack([torch.tensor([float(i) for i in self._ids]),
-                             torch.stack([norms[i] for i in self._ids])])
+        local = torch.stack([self._id_row, torch.stack([norms[i] for i in self._ids])])
         outs = [torch.empty_like(local) for _ in range(self._world)]
         work = torch.distributed.all_gather(outs, local, group=self._group, async_op=True)
         self._inflight.append((j, work, outs))
