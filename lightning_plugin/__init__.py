@@ -5,8 +5,8 @@
 (``"pipeoptim_spawn"``, ``"pipeoptim_popen"``, ``"pipeoptim_notebook"``,
 ``"pipeoptim_gpipe"``, ``"pipeoptim_1f1b"``, ``"pipeoptim_interleaved1f1b"``,
 ``"pipeoptim_loopedbfs"``, ``"pipeoptim_interleavedzb"``, ``"pipeoptim_zbv"``,
-``"pipeoptim_dualpipev"``), for ``lightning.pytorch`` and, when it is installed, for
-``pytorch_lightning`` (whose class is :class:`PLPipeOptimStrategy`)::
+``"pipeoptim_dualpipev"``, ``"pipeoptim_bitpipe"``), for ``lightning.pytorch`` and, when it
+is installed, for ``pytorch_lightning`` (whose class is :class:`PLPipeOptimStrategy`)::
 
     import lightning as L
     import lightning_plugin

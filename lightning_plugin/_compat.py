@@ -14,8 +14,10 @@ upgrade that breaks one of them fails in one known place:
   ``estimated_stepping_batches`` counts optimizer updates (Lightning computes it in the
   ``Trainer`` and asks no strategy).
 * predictopt: the schedule facts the strategy needs (canonical name, single- or multi-stage,
-  V placement) are read through the public ``SUPPORTED_SCHEDULES`` and ``stage_to_rank``;
-  the methods through ``METHODS`` (:func:`pipeline_methods`).
+  V placement) are read through the public ``SUPPORTED_SCHEDULES``, ``BITPIPE_SCHEDULE`` and
+  ``stage_to_rank``; the methods through ``METHODS`` (:func:`pipeline_methods`); BitPipe's
+  configuration checks through the private ``_configure`` and ``_copy_workers`` of
+  ``predictopt.pipeline.bitpipe`` (:func:`bitpipe_copy_update_every`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import Any
 
 from .errors import PipeOptimConfigError
 
-__all__ = ["ScheduleFacts", "count_updates", "install_launcher", "make_api", "pipeline_methods",
-           "process_group_timeout", "schedule_facts", "trainer_of", "uncount_updates",
-           "uses_sync_batchnorm"]
+__all__ = ["ScheduleFacts", "bitpipe_copy_update_every", "count_updates", "install_launcher",
+           "make_api", "pipeline_methods", "process_group_timeout", "schedule_facts",
+           "trainer_of", "uncount_updates", "uses_sync_batchnorm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +160,14 @@ class ScheduleFacts:
         name: Canonical name (an entry of ``predictopt.pipeline.SUPPORTED_SCHEDULES``).
         multi_stage: Whether a device holds several stages.
         v_placement: Whether rank ``r`` holds stages ``r`` and ``2K - 1 - r`` (exactly two).
+        bitpipe: Whether it is BitPipe (run by ``BitPipeRuntime``, not a torch schedule; its
+            replica ``A`` has the V placement).
     """
 
     name: str
     multi_stage: bool
     v_placement: bool
+    bitpipe: bool = False
 
 
 def schedule_facts(schedule: Any) -> ScheduleFacts:
@@ -171,13 +176,16 @@ def schedule_facts(schedule: Any) -> ScheduleFacts:
     Raises:
         PipeOptimConfigError: an unknown name, or a schedule missing from the installed torch.
     """
-    from predictopt.pipeline import SUPPORTED_SCHEDULES, stage_to_rank
+    from predictopt.pipeline import BITPIPE_SCHEDULE, SUPPORTED_SCHEDULES, stage_to_rank
 
-    names = {s.lower(): s for s in SUPPORTED_SCHEDULES}
+    accepted = (*SUPPORTED_SCHEDULES, BITPIPE_SCHEDULE)
+    names = {s.lower(): s for s in accepted}
     name = names.get(schedule.lower()) if isinstance(schedule, str) else None
     if name is None:
-        raise PipeOptimConfigError(f"schedule must be one of {', '.join(SUPPORTED_SCHEDULES)} "
+        raise PipeOptimConfigError(f"schedule must be one of {', '.join(accepted)} "
                                    f"(case-insensitive), got {schedule!r}")
+    if name == BITPIPE_SCHEDULE:
+        return ScheduleFacts(name, True, True, bitpipe=True)
     try:
         default = stage_to_rank(name, 1)  # 1 stage per rank, or 2 for the multi-stage ones
         multi = len(default) > 1
@@ -185,3 +193,33 @@ def schedule_facts(schedule: Any) -> ScheduleFacts:
     except ValueError as e:  # e.g. missing from the installed torch
         raise PipeOptimConfigError(str(e)) from e
     return ScheduleFacts(name, multi, v)
+
+
+def bitpipe_copy_update_every(method: str, num_chunks: int, n_microbatches: int,
+                              copy_update_every: int | None) -> int:
+    """Check a BitPipe configuration as ``BitPipeRuntime`` will; return one copy's
+    ``update_every`` (completed backwards of one copy per update).
+
+    Builds, for every copy of every chunk, the :class:`~predictopt.pipeline.StageWorker` the
+    runtime builds (on a stand-in module), so that what the method would reject at the first
+    step is rejected here.
+
+    Args:
+        method: The pipeline method.
+        num_chunks: The chunks (``2K``).
+        n_microbatches: Micro-batches per step (half per replica).
+        copy_update_every: Completed backwards of one copy per update, or ``None`` (the
+            method's).
+
+    Raises:
+        ValueError: what ``BitPipeSimulator`` / ``BitPipeRuntime`` reject.
+    """
+    import torch
+    from torch import nn
+
+    from predictopt.pipeline.bitpipe import _configure, _copy_workers
+
+    spec, k, m, u = _configure(method, num_chunks, n_microbatches, copy_update_every)
+    probes = {(rep, c): nn.Linear(1, 1) for rep in "AB" for c in range(2 * k)}
+    _copy_workers(probes, lambda params: torch.optim.SGD(params, lr=0.0), spec, k, m, u)
+    return u

@@ -3,7 +3,8 @@
 :mod:`lightning_plugin.strategy` and :mod:`lightning_plugin._pl` combine it with each Lightning
 package's ``DDPStrategy``; the Lightning objects it needs come from the class attribute
 ``_api`` (:func:`~lightning_plugin._compat.make_api`). The work is done by
-:class:`~lightning_plugin.training.PipelineRun` (training, checkpoints),
+:class:`~lightning_plugin.training.PipelineRun` (training, checkpoints; for
+``schedule="BitPipe"`` its variant :class:`~lightning_plugin.bitpipe_run.BitPipeRun`),
 :func:`~lightning_plugin.evaluation.forward_only` (validation, test, predict) and
 :mod:`~lightning_plugin.user_steps` (the module's own steps and logs).
 """
@@ -28,6 +29,7 @@ from ._compat import (
     uncount_updates,
     uses_sync_batchnorm,
 )
+from .bitpipe_run import BitPipeRun, check_bitpipe_options, check_bitpipe_trainer
 from .checkpoint import CHECKPOINT_KEY
 from .checks import check_train_loader, check_trainer
 from .comm import broadcast_tensors, comm_device, module_tensors
@@ -101,6 +103,11 @@ class PipeOptimStrategyMixin:
         if "loss_fn" in schedule_kwargs:
             raise PipeOptimConfigError("the loss comes from the module's training_step; do not "
                                        "pass loss_fn to the strategy")
+        if facts.bitpipe:
+            check_bitpipe_options(rule=rule, stages_per_rank=stages_per_rank,
+                                  clip_scope=clip_scope,
+                                  process_group_backend=process_group_backend,
+                                  schedule_kwargs=schedule_kwargs)
         super().__init__(  # type: ignore[call-arg]
             accelerator=accelerator, parallel_devices=parallel_devices,
             cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
@@ -119,6 +126,7 @@ class PipeOptimStrategyMixin:
         self.schedule_kwargs = dict(schedule_kwargs)
         self._pipeoptim_start_method = start_method
         self._plan: PipelinePlan | None = None
+        self._bitpipe = facts.bitpipe
         self._stage_modules: list[nn.Module] = []
         self._run: PipelineRun | None = None
         self._pending_extras: dict[str, Any] = {}
@@ -146,12 +154,14 @@ class PipeOptimStrategyMixin:
 
     @property
     def pipeline_stages(self) -> list[Any]:
-        """This rank's :class:`~predictopt.pipeline.runtime.PredictiveStage` objects (fit)."""
+        """This rank's :class:`~predictopt.pipeline.runtime.PredictiveStage` objects (fit;
+        empty under BitPipe, whose copies are ``pipeline_schedule.copies``)."""
         return list(self._run.stages) if self._run is not None else []
 
     @property
     def pipeline_schedule(self) -> Any:
-        """The torch schedule object driving this rank's stages (fit), else ``None``."""
+        """The torch schedule object driving this rank's stages (fit; under BitPipe the
+        :class:`~predictopt.pipeline.BitPipeRuntime`), else ``None``."""
         return self._run.schedule if self._run is not None else None
 
     @property
@@ -173,6 +183,9 @@ class PipeOptimStrategyMixin:
     def _check_trainer(self, trainer: Any, model: Any) -> None:
         check_trainer(self._api, trainer, model, self.precision_plugin,
                       sync_batchnorm=uses_sync_batchnorm(self))
+        if self._bitpipe:
+            check_bitpipe_trainer(self.precision_plugin,
+                                  self.parallel_devices)  # type: ignore[attr-defined]
 
     def _accumulation(self, trainer: Any) -> int:
         if trainer.state.fn != self._api.TrainerFn.FITTING:
@@ -206,7 +219,7 @@ class PipeOptimStrategyMixin:
         from predictopt.pipeline import get_method
 
         return (plan.updates_per_step == 1 and not get_method(plan.method).predicts
-                and self.clip_scope != "stage")
+                and self.clip_scope != "stage" and not self._bitpipe)
 
     def _precheck(self, trainer: Any, model: Any) -> None:
         """Every check that needs no process group, in the launching process."""
@@ -276,12 +289,17 @@ class PipeOptimStrategyMixin:
             trainer.accumulate_grad_batches = 1  # it is the stages' update_every
             plugin = self.precision_plugin
             mixed = isinstance(plugin, self._api.MixedPrecision)
-            self._run = PipelineRun(
+            common: dict[str, Any] = dict(
                 api=self._api, trainer=trainer, module=lm, plan=self._plan,
                 stage_modules=self._stage_modules, rank=self.global_rank,  # type: ignore
                 device=self.root_device, options=self,  # type: ignore[attr-defined]
-                defer=self._can_defer(self._plan), scaler=getattr(plugin, "scaler", None),
-                train_context=plugin.train_step_context, autocast=mixed)
+                train_context=plugin.train_step_context)
+            if self._bitpipe:
+                self._run = BitPipeRun(**common)
+            else:
+                self._run = PipelineRun(
+                    **common, defer=self._can_defer(self._plan),
+                    scaler=getattr(plugin, "scaler", None), autocast=mixed)
             self.optimizers = self._run.lightning_optimizers
             self.lr_scheduler_configs = self._run.lightning_scheduler_configs
             # the dry run compares the module's own forward with the stages in sequence
@@ -326,7 +344,7 @@ class PipeOptimStrategyMixin:
         run = self._run
         if run is None:
             return
-        first = run.local[0]
+        first = run.keys[0]
         total = trainer.estimated_stepping_batches
         epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
         notes = check_scheduler_horizons(
@@ -431,6 +449,8 @@ class PipeOptimStrategyMixin:
          "PipeOptim on torch's InterleavedZeroBubble schedule"),
         ("pipeoptim_zbv", {"schedule": "ZBVZeroBubble"}, "PipeOptim on ZBVZeroBubble (V)"),
         ("pipeoptim_dualpipev", {"schedule": "DualPipeV"}, "PipeOptim on DualPipeV (V)"),
+        ("pipeoptim_bitpipe", {"schedule": "BitPipe"},
+         "PipeOptim on BitPipe (two mirrored V replicas, eager gradient sync)"),
     )
 
     @classmethod

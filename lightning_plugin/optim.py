@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -32,12 +32,19 @@ __all__ = [
 MAX_PROBED_STEPS = 20_000
 
 
-def rebuild_optimizer(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optimizer:
+def rebuild_optimizer(optimizer: Optimizer, params: Sequence[nn.Parameter],
+                      copies: Mapping[int, nn.Parameter] | None = None) -> Optimizer:
     """The same optimizer class with the same param groups, restricted to ``params``.
 
     Every param group is kept (empty if none of its parameters is in ``params``) with a copy
     of all its hyper-parameters, so group indices, LR-scheduler ``base_lrs`` and per-group
     settings stay aligned with the original optimizer.
+
+    Args:
+        optimizer: The optimizer ``configure_optimizers`` returned (no state yet).
+        params: The parameters to keep (parameters of ``optimizer``).
+        copies: ``{id(parameter): its copy}``: optimize the copies of ``params`` instead, in
+            the originals' param groups (a second replica of a stage, as BitPipe holds).
 
     Raises:
         PipeOptimConfigError: the class cannot be rebuilt from its ``defaults``, or the
@@ -50,7 +57,8 @@ def rebuild_optimizer(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> O
     groups = []
     for g in optimizer.param_groups:
         ng = {key: copy.deepcopy(v) for key, v in g.items() if key != "params"}
-        ng["params"] = [p for p in g["params"] if id(p) in keep]
+        ng["params"] = [p if copies is None else copies[id(p)]
+                        for p in g["params"] if id(p) in keep]
         groups.append(ng)
     cls = type(optimizer)
     try:

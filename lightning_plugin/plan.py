@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import pipeline_methods, schedule_facts
+from ._compat import bitpipe_copy_update_every, pipeline_methods, schedule_facts
 from .errors import PipeOptimConfigError
 
 __all__ = ["PipelinePlan", "check_pipeline_method", "make_plan"]
@@ -36,8 +36,13 @@ def check_pipeline_method(method: Any) -> str:
 class PipelinePlan:
     """Where the stages run and how often they update.
 
+    Under ``"BitPipe"`` the stages are the chunks, ``placement`` and ``stages_per_rank`` are
+    those of replica ``A`` (the V placement; replica ``B`` holds a second copy of every chunk
+    on the mirrored rank), and ``update_every`` counts the micro-batches of both copies of a
+    chunk per update (twice one copy's completed backwards).
+
     Attributes:
-        schedule: Canonical schedule name (``"1F1B"``, ``"ZBVZeroBubble"``, ...).
+        schedule: Canonical schedule name (``"1F1B"``, ``"ZBVZeroBubble"``, ``"BitPipe"``, ...).
         num_ranks: Pipeline ranks (= Lightning's world size).
         stages_per_rank: Stages on each rank.
         num_stages: Total stages.
@@ -138,6 +143,9 @@ def make_plan(schedule: str, num_stages: int, world_size: int, *,
 
     facts = schedule_facts(schedule)
     method = check_pipeline_method(method)
+    if facts.bitpipe:
+        return _bitpipe_plan(facts.name, num_stages, world_size, n_microbatches, method,
+                             update_every, update_every_source)
     spr = _stages_per_rank(facts, num_stages, world_size, stages_per_rank)
     placement = stage_to_rank(facts.name, world_size, spr)
     n = n_microbatches if n_microbatches is not None else 2 * num_stages
@@ -157,3 +165,41 @@ def make_plan(schedule: str, num_stages: int, world_size: int, *,
             f"method {method!r} cannot run schedule {facts.name!r} with n_microbatches={n} and "
             f"{what} on {world_size} device(s): {e}") from e
     return PipelinePlan(facts.name, world_size, spr, num_stages, placement, n, u, method)
+
+
+def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None, method: str,
+                  update_every: int | None, update_every_source: str) -> PipelinePlan:
+    """:func:`make_plan` for BitPipe: ``2K`` chunks on an even number ``K`` of devices, an even
+    number of micro-batches, ``update_every`` counting both copies' micro-batches."""
+    from predictopt.pipeline.bitpipe import bitpipe_placement
+
+    have = f"the Trainer runs {k} process(es) (devices x num_nodes)"
+    if num_stages != 2 * k or k % 2:
+        need = (f"devices={num_stages // 2}" if num_stages % 4 == 0 else
+                f"a multiple of 4 stages ({num_stages} is not)")
+        raise PipeOptimConfigError(
+            f"schedule {name!r} runs two copies of 2K chunks on an even number K of devices "
+            f"(each device holds 2 chunks of each replica): pipeline_stages() returned "
+            f"{num_stages} stage(s), which needs {need}, but {have}")
+    n = n_microbatches if n_microbatches is not None else 2 * num_stages
+    if n % 2:
+        raise PipeOptimConfigError(
+            f"schedule {name!r} needs an even n_microbatches (half of them flow through each "
+            f"replica), got n_microbatches={n}")
+    what = f"{update_every_source}={update_every}"
+    if update_every is not None and (update_every % 2 or (n // 2) % (update_every // 2)):
+        raise PipeOptimConfigError(
+            f"{what} must be even and half of it must divide n_microbatches / 2 = {n // 2} "
+            f"under schedule {name!r}: an update of a chunk averages the gradients of "
+            f"update_every micro-batches, half from each of its two copies")
+    try:
+        u = bitpipe_copy_update_every(method, num_stages, n,
+                                      None if update_every is None else update_every // 2)
+    except ValueError as e:
+        shown = what if update_every is not None else "the method's update_every"
+        raise PipeOptimConfigError(
+            f"method {method!r} cannot run schedule {name!r} with n_microbatches={n} and "
+            f"{shown} on {k} device(s): {e} (one copy's update_every is half the strategy's)"
+        ) from e
+    placement = {c: r for (rep, c), r in bitpipe_placement(k).items() if rep == "A"}
+    return PipelinePlan(name, k, 2, num_stages, placement, n, 2 * u, method)

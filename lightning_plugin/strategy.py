@@ -65,23 +65,27 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
     Args:
         schedule: A torch schedule of :data:`~predictopt.pipeline.SUPPORTED_SCHEDULES`
             (case-insensitive): ``"1F1B"`` (default), ``"GPipe"``, ``"Interleaved1F1B"``,
-            ``"LoopedBFS"``, ``"InterleavedZeroBubble"``, ``"ZBVZeroBubble"``, ``"DualPipeV"``.
-            Single-stage schedules need one stage per device; V schedules exactly two; the
-            other multi-stage ones a multiple of the number of devices (at least twice it).
+            ``"LoopedBFS"``, ``"InterleavedZeroBubble"``, ``"ZBVZeroBubble"``, ``"DualPipeV"``;
+            or ``"BitPipe"`` (two copies of ``2K`` chunks on an even number ``K`` of CPU
+            devices, run by :class:`~predictopt.pipeline.BitPipeRuntime`; see
+            ``docs/lightning.md`` for what it supports). Single-stage schedules need one stage
+            per device; V schedules and BitPipe exactly two; the other multi-stage ones a
+            multiple of the number of devices (at least twice it).
         n_microbatches: Micro-batches per Lightning batch (the batch size must be a multiple
             of it). Default: twice the number of stages.
         method: Any pipeline method of the installed ``predictopt.pipeline``
             (``predictopt.pipeline.PIPELINE_METHODS`` and any registered one; default
             ``predictopt.pipeline.DEFAULT_METHOD``).
         update_every: Completed backwards per optimizer update (default: the method's). The
-            Trainer's ``accumulate_grad_batches`` sets it too.
+            Trainer's ``accumulate_grad_batches`` sets it too. Under BitPipe it counts the
+            micro-batches of both copies of a chunk (even: twice one copy's).
         rule: Prediction rule overriding the method's (predicting methods).
         stages_per_rank: Stages per device for loop multi-stage schedules (default: number of
             stages / devices).
         clip_scope: The norm ``gradient_clip_val`` clips by: ``"global"`` (over all stages, as
             on one device; needs one update per batch and a method that does not predict,
-            e.g. ``gpipe``), ``"stage"`` (each stage's own gradient), or ``"auto"`` (global
-            where possible, else per stage).
+            e.g. ``gpipe``, and a torch schedule), ``"stage"`` (each stage's own gradient), or
+            ``"auto"`` (global where possible, else per stage).
         timeout: Seconds (or a ``timedelta``) after which a blocked collective or transfer
             raises instead of waiting for a peer that hangs (default 120).
         start_method: ``"auto"`` (spawn under pytest, fork in notebooks / REPLs, otherwise
@@ -105,7 +109,9 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
         **schedule_kwargs: More arguments of the torch schedule class.
 
     Raises:
-        PipeOptimConfigError: an unknown schedule, method or option value.
+        PipeOptimConfigError: an unknown schedule, method or option value, or an option
+            ``schedule="BitPipe"`` cannot run (``rule``, ``stages_per_rank`` other than 2,
+            ``clip_scope="global"``, a backend other than gloo, ``**schedule_kwargs``).
     """
 
     _api = _API

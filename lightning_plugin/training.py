@@ -77,32 +77,14 @@ class PipelineRun:
                  defer: bool, scaler: Any,
                  train_context: Callable[[], AbstractContextManager[Any]], autocast: bool
                  ) -> None:
-        from predictopt.pipeline import get_method
         from predictopt.pipeline.runtime import build_pipeline
 
-        self.trainer, self.module, self.plan, self.rank = trainer, module, plan, rank
-        self.stage_modules, self.device, self.options = stage_modules, device, options
-        self.scaler, self._train_context = scaler, train_context
-        optimizers, configs = api.init_optimizers(module)
-        optimizers = [o for o in optimizers if not isinstance(o, api.MockOptimizer)]
-        self.source = check_optimizer_config(optimizers, configs, stage_modules, module)
-        self.index = param_index(self.source)
-        self.configs = list(configs)
-        self.local = plan.local(rank)
-        keep = [module, trainer]
+        self._begin(api=api, trainer=trainer, module=module, plan=plan,
+                    stage_modules=stage_modules, rank=rank, device=device, options=options,
+                    scaler=scaler, train_context=train_context)
         self.optimizers = {k: rebuild_optimizer(self.source, list(stage_modules[k].parameters()))
                            for k in self.local}
-        self.schedulers = {k: [clone_scheduler(c.scheduler, self.source, self.optimizers[k], keep)
-                               for c in configs] for k in self.local}
-        clip_algorithm = trainer.gradient_clip_algorithm or "norm"
-        self.updates = StageUpdates(
-            trainer=trainer, module=module, optimizers=self.optimizers,
-            schedulers=self.schedulers, intervals=[(c.interval, c.frequency) for c in configs],
-            global_index=self.index, clip_val=trainer.gradient_clip_val,
-            clip_algorithm=str(getattr(clip_algorithm, "value", clip_algorithm)),
-            custom_clipping=api.is_overridden("configure_gradient_clipping", module),
-            defer=defer, scaler=scaler, comm_device=comm_device(device),
-            update_every=plan.update_every)
+        self._make_updates(api, defer=defer)
         modules = [AutocastStage(m, train_context) if autocast else m for m in stage_modules]
         it = iter(self.optimizers[k] for k in self.local)
         self.stages, self.schedule = build_pipeline(
@@ -113,48 +95,97 @@ class PipelineRun:
             rule=options.rule, **options.schedule_kwargs)
         for stage in self.stages:
             k = stage.stage_index
-            if stage.optimizer is not self.optimizers[k]:
-                raise PipeOptimConfigError(
-                    f"method {plan.method!r} replaces the stage optimizer "
-                    f"({type(self.optimizers[k]).__name__} -> {type(stage.optimizer).__name__}); "
-                    f"under Lightning, return {type(stage.optimizer).__name__} from "
-                    "configure_optimizers instead")
+            self._check_kept_optimizer(self.optimizers[k], stage.optimizer)
             stage.after_update_hooks.append(self.updates.after_update(k))
-        step_idx = [i for i, c in enumerate(configs) if c.interval == "step"]
-        aware = (options.schedule_aware and get_method(plan.method).predicts
-                 and len(step_idx) == 1 and configs[step_idx[0]].frequency == 1)
+        aware = self._aware_scheduler()
         for stage in self.stages:
-            if aware and stage.worker is not None:
-                stage.worker.optimizer.attach_scheduler(
-                    self.schedulers[stage.stage_index][step_idx[0]])
-        first = self.local[0]
+            if aware is not None and stage.worker is not None:
+                stage.worker.optimizer.attach_scheduler(self.schedulers[stage.stage_index][aware])
+        self._finish()
+
+    # ------------------------------------------------------------------ construction
+    def _begin(self, *, api: Any, trainer: Any, module: Any, plan: PipelinePlan,
+               stage_modules: list[nn.Module], rank: int, device: torch.device, options: Any,
+               scaler: Any, train_context: Callable[[], AbstractContextManager[Any]]) -> None:
+        """Read ``configure_optimizers`` (its one optimizer and the scheduler configs)."""
+        self.trainer, self.module, self.plan, self.rank = trainer, module, plan, rank
+        self.stage_modules, self.device, self.options = stage_modules, device, options
+        self.scaler, self._train_context = scaler, train_context
+        optimizers, configs = api.init_optimizers(module)
+        optimizers = [o for o in optimizers if not isinstance(o, api.MockOptimizer)]
+        self.source = check_optimizer_config(optimizers, configs, stage_modules, module)
+        self.index = param_index(self.source)
+        self.configs = list(configs)
+        self.local = plan.local(rank)
+        #: The keys of ``optimizers`` / ``schedulers`` (this rank's stages); Lightning sees
+        #: the first one's optimizer and schedulers.
+        self.keys: list[Any] = list(self.local)
+
+    def _make_updates(self, api: Any, *, defer: bool) -> None:
+        """Clone the schedulers for every optimizer of ``self.optimizers``; wrap their steps."""
+        trainer, module, configs = self.trainer, self.module, self.configs
+        keep = [module, trainer]
+        self.schedulers = {k: [clone_scheduler(c.scheduler, self.source, self.optimizers[k], keep)
+                               for c in configs] for k in self.keys}
+        clip_algorithm = trainer.gradient_clip_algorithm or "norm"
+        self.updates = StageUpdates(
+            trainer=trainer, module=module, optimizers=self.optimizers,
+            schedulers=self.schedulers, intervals=[(c.interval, c.frequency) for c in configs],
+            global_index=self.index, clip_val=trainer.gradient_clip_val,
+            clip_algorithm=str(getattr(clip_algorithm, "value", clip_algorithm)),
+            custom_clipping=api.is_overridden("configure_gradient_clipping", module),
+            defer=defer, scaler=self.scaler, comm_device=comm_device(self.device),
+            update_every=self.plan.update_every)
+
+    def _check_kept_optimizer(self, built: Any, used: Any) -> None:
+        """The method must step the optimizer built for a stage (``built``), not a
+        replacement (``used``)."""
+        if used is not built:
+            raise PipeOptimConfigError(
+                f"method {self.plan.method!r} replaces the stage optimizer "
+                f"({type(built).__name__} -> {type(used).__name__}); "
+                f"under Lightning, return {type(used).__name__} from "
+                "configure_optimizers instead")
+
+    def _aware_scheduler(self) -> int | None:
+        """The scheduler a predicting method predicts with (``schedule_aware``), else ``None``."""
+        from predictopt.pipeline import get_method
+
+        step_idx = [i for i, c in enumerate(self.configs) if c.interval == "step"]
+        aware = (self.options.schedule_aware and get_method(self.plan.method).predicts
+                 and len(step_idx) == 1 and self.configs[step_idx[0]].frequency == 1)
+        return step_idx[0] if aware else None
+
+    def _finish(self) -> None:
+        """What Lightning sees, and the per-batch state."""
+        first = self.keys[0]
         #: What Lightning sees: the first local stage's optimizer and schedulers.
         self.lightning_optimizers = [self.optimizers[first]]
         self.lightning_scheduler_configs = [
             dataclasses.replace(c, scheduler=self.schedulers[first][i],
                                 frequency=NEVER if c.interval == "step" else c.frequency)
-            for i, c in enumerate(configs)]
+            for i, c in enumerate(self.configs)]
         self._epoch_marks = self._marks()
         self._batch: _Batch | None = None
         self._batch_size: int | None = None
         self._losses: list[Tensor] = []
         self._extras: dict[str, Any] = {}
-        self._checked = not options.check_steps
+        self._checked = not self.options.check_steps
 
     # ------------------------------------------------------------------ epoch schedulers
     def _marks(self) -> list[Any]:
-        return [getattr(s, "last_epoch", None) for s in self.schedulers[self.local[0]]]
+        return [getattr(s, "last_epoch", None) for s in self.schedulers[self.keys[0]]]
 
     def sync_siblings(self) -> None:
         """Other stages of this rank follow the first one's epoch-interval schedulers."""
-        if len(self.local) < 2 or not self.configs:
+        if len(self.keys) < 2 or not self.configs:
             return
-        first = self.local[0]
+        first = self.keys[0]
         marks = self._marks()
         changed = [i for i, c in enumerate(self.configs)
                    if c.interval != "step" and marks[i] != self._epoch_marks[i]]
         self._epoch_marks = marks
-        for k in self.local[1:]:
+        for k in self.keys[1:]:
             for i in changed:
                 self.schedulers[k][i].load_state_dict(self.schedulers[first][i].state_dict())
             if changed:
@@ -272,9 +303,8 @@ class PipelineRun:
         return {"loss": loss, **extras}
 
     # ------------------------------------------------------------------ checkpoints
-    def optimizer_state(self, global_step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(single-device optimizer state, pipeline state)`` on global rank 0 (every rank
-        must call it; elsewhere both are empty)."""
+    def _local_state(self) -> dict[str, Any]:
+        """This rank's share of a checkpoint: ``{"part", "previous", "updates"}`` per stage."""
         part: dict[int, Any] = {}
         previous: dict[int, Any] = {}
         for stage in self.stages:
@@ -284,7 +314,12 @@ class PipelineRun:
             if prev is not None:
                 previous.update({self.index[id(p)]: t.detach().cpu()
                                  for p, t in zip(stage.worker.params, prev)})
-        mine = {"part": part, "previous": previous, "updates": dict(self.updates.updates)}
+        return {"part": part, "previous": previous, "updates": dict(self.updates.updates)}
+
+    def optimizer_state(self, global_step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(single-device optimizer state, pipeline state)`` on global rank 0 (every rank
+        must call it; elsewhere both are empty)."""
+        mine = self._local_state()
         parts = gather_objects(mine) if self.plan.num_ranks > 1 else [mine]
         if parts is None:
             return {}, {}
@@ -297,6 +332,22 @@ class PipelineRun:
                   "previous": {i: t for r in parts for i, t in r["previous"].items()} or None}
         return full, extras
 
+    def _checkpoint_parts(self, checkpoint: Any
+                          ) -> tuple[dict[str, Any], dict[str, Any], int, dict[Any, Any]]:
+        """``(single-device optimizer state, pipeline extras, updates made by default,
+        {stage: updates made})`` of a checkpoint, checked (see :meth:`load`)."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1:
+            raise PipeOptimConfigError(f"the checkpoint holds {len(states)} optimizer states; "
+                                       "PipeOptimStrategy resumes from one optimizer")
+        if CHECKPOINT_KEY in states[0]:
+            raise PipeOptimConfigError(
+                "this checkpoint was written by an earlier PipeOptimStrategy (per-stage "
+                "optimizer states): load its 'state_dict' into the module and start a new fit")
+        extras = checkpoint.get(CHECKPOINT_KEY) or {}
+        fallback = int(checkpoint.get("global_step", 0)) * self.plan.updates_per_step
+        return states[0], extras, fallback, extras.get("updates") or {}
+
     def load(self, checkpoint: Any) -> None:
         """Load this rank's stages' optimizer, scheduler and method state.
 
@@ -308,20 +359,10 @@ class PipelineRun:
             PipeOptimConfigError: not one optimizer state, another optimizer's, or a
                 checkpoint of an earlier version of the strategy.
         """
-        states = checkpoint.get("optimizer_states") or []
-        if len(states) != 1:
-            raise PipeOptimConfigError(f"the checkpoint holds {len(states)} optimizer states; "
-                                       "PipeOptimStrategy resumes from one optimizer")
-        if CHECKPOINT_KEY in states[0]:
-            raise PipeOptimConfigError(
-                "this checkpoint was written by an earlier PipeOptimStrategy (per-stage "
-                "optimizer states): load its 'state_dict' into the module and start a new fit")
-        extras = checkpoint.get(CHECKPOINT_KEY) or {}
-        fallback = int(checkpoint.get("global_step", 0)) * self.plan.updates_per_step
-        done = extras.get("updates") or {}
+        state, extras, fallback, done = self._checkpoint_parts(checkpoint)
         for k in self.local:
             self.optimizers[k].load_state_dict(
-                stage_state(states[0], self.optimizers[k], self.index))
+                stage_state(state, self.optimizers[k], self.index))
             for s, sd in zip(self.schedulers[k], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[k] = int(done.get(k, fallback))

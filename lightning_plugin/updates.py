@@ -63,9 +63,10 @@ class StageUpdates:
     Args:
         trainer: The Trainer (for its callbacks).
         module: The LightningModule.
-        optimizers: ``{stage: optimizer}`` of this rank.
+        optimizers: ``{stage: optimizer}`` of this rank (under BitPipe the keys are copies,
+            ``(replica, chunk)``).
         schedulers: ``{stage: [scheduler, ...]}`` (clones, one per ``configure_optimizers``
-            scheduler).
+            scheduler), with the keys of ``optimizers``.
         intervals: ``(interval, frequency)`` of each scheduler.
         global_index: ``{id(param): index}`` in the single-device optimizer (the order of the
             global gradient norm).
@@ -81,8 +82,8 @@ class StageUpdates:
             multiplies by ``update_every / scale``.
     """
 
-    def __init__(self, *, trainer: Any, module: Any, optimizers: dict[int, Optimizer],
-                 schedulers: dict[int, list[Any]], intervals: list[tuple[str, int]],
+    def __init__(self, *, trainer: Any, module: Any, optimizers: dict[Any, Optimizer],
+                 schedulers: dict[Any, list[Any]], intervals: list[tuple[str, int]],
                  global_index: dict[int, int], clip_val: float | None, clip_algorithm: str,
                  custom_clipping: bool, defer: bool, scaler: Any,
                  comm_device: torch.device | None = None, update_every: int = 1) -> None:
@@ -100,7 +101,7 @@ class StageUpdates:
         self.update_every = update_every
         self.comm_device = comm_device or torch.device("cpu")
         #: Updates made by each stage (checkpointed; drives ``frequency``).
-        self.updates: dict[int, int] = dict.fromkeys(optimizers, 0)
+        self.updates: dict[Any, int] = dict.fromkeys(optimizers, 0)
         #: Whether some update of this rank overflowed in the current batch (``16-mixed``).
         self.found_inf = False
         self.scale = 1.0

@@ -17,7 +17,9 @@ ALL_METHODS: tuple[str, ...] = (
     "sequential", "pipedream", "pipeoptim", "nesterov-dl", "sequential-nesterov-dl",
     "qh-dl", "sequential-qh-dl", "pipeoptim-qh-dl",
     "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl",
-    "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc")
+    "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc", "basis-rotation",
+    "sequential-basis-rotation", "basis-rotation-dl", "sequential-basis-rotation-dl",
+    "pipeoptim-basis-rotation-dl")
 #: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
 #: strongest and this project's candidate).
 CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nesterov-dl",

@@ -254,9 +254,15 @@ def simulate(*, num_stages: int = 2, schedule: str = "1F1B", n: int = 4, batch: 
             w.after_update.append(lambda _w, s=s: s.step())
         if len(per_update) == 1 and method in PREDICTING_METHODS:
             w.optimizer.attach_scheduler(per_update[0])  # the strategy's schedule-aware default
+    return modules, run_epochs(sim, range(epochs), batch, epoch_scheds), sim
+
+
+def run_epochs(sim: Any, epochs: Any, batch: int, epoch_scheds: list[Any]) -> list[float]:
+    """Feed ``sim`` the batches Lightning's training sampler gives in each of ``epochs`` (the
+    mean micro-batch loss of every batch), stepping the per-epoch schedulers after each."""
     ds = dataset()
     losses: list[float] = []
-    for epoch in range(epochs):
+    for epoch in epochs:
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, seed=0)
         sampler.set_epoch(epoch)
         idx = list(sampler)
@@ -265,7 +271,7 @@ def simulate(*, num_stages: int = 2, schedule: str = "1F1B", n: int = 4, batch: 
             losses.append(float(torch.tensor(sim.step(x, y)).mean()))
         for s in epoch_scheds:
             s.step()
-    return modules, losses, sim
+    return losses
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:

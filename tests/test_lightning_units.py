@@ -125,6 +125,11 @@ def test_compat_surface() -> None:
     assert facts["1F1B"].name == "1F1B" and not facts["1F1B"].multi_stage
     assert facts["ZBVZeroBubble"].v_placement and facts["DualPipeV"].v_placement
     assert facts["Interleaved1F1B"].multi_stage and not facts["Interleaved1F1B"].v_placement
+    from lightning_plugin._compat import bitpipe_copy_update_every
+
+    assert schedule_facts("bitpipe").bitpipe and not facts["ZBVZeroBubble"].bitpipe
+    assert bitpipe_copy_update_every("pipeoptim", 4, 8, None) == 1  # BitPipe's private helpers
+    assert bitpipe_copy_update_every("gpipe", 4, 8, None) == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,8 +262,14 @@ def test_every_action_once_and_update_counts(schedule, ranks, n, method):
     num_stages = ranks * spr
     stages = [torch.nn.Linear(2, 2) for _ in range(num_stages)]
     try:
-        sim = PipelineSimulator(stages, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5),
-                                method=method, schedule=schedule, n_microbatches=n)
+        try:
+            sim = PipelineSimulator(stages, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5),
+                                    method=method, schedule=schedule, n_microbatches=n)
+        except ValueError as exc:  # a method for Adam only (basis rotation): run it with AdamW
+            if "converts Adam" not in str(exc):
+                raise
+            sim = PipelineSimulator(stages, lambda p: torch.optim.AdamW(p, lr=0.1),
+                                    method=method, schedule=schedule, n_microbatches=n)
     except ValueError as exc:  # e.g. pipedream-2bw whose table needs a third buffer
         assert method == "pipedream-2bw" and "buffers" in str(exc)
         return

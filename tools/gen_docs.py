@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "results"
 STUDY = RESULTS / "lm_study.jsonl"
+SCREENS = RESULTS / "lm_screens.jsonl"
 MARK = re.compile(r"(<!-- gen:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /gen:(?P=name) -->)",
                   re.S)
 
@@ -182,7 +183,10 @@ def pb_results() -> str:
 #: The staleness-free twin of a candidate: its transforms without a pipeline (a prediction
 #: over no delay is the current weights, so a predicting method shares its twin).
 TWINS = {"nesterov-dl": "sequential-nesterov-dl", "pipeoptim-nesterov-dl": "sequential-nesterov-dl",
-         "qh-dl": "sequential-qh-dl", "pipeoptim-qh-dl": "sequential-qh-dl"}
+         "qh-dl": "sequential-qh-dl", "pipeoptim-qh-dl": "sequential-qh-dl",
+         "basis-rotation": "sequential-basis-rotation",
+         "basis-rotation-dl": "sequential-basis-rotation-dl",
+         "pipeoptim-basis-rotation-dl": "sequential-basis-rotation-dl"}
 
 
 def study_twins() -> str:
@@ -190,7 +194,9 @@ def study_twins() -> str:
     from predictopt.study import aggregate
 
     records = _records()
-    pairs = [(m, TWINS[m]) for m in ("nesterov-dl", "qh-dl", "pipeoptim-qh-dl")]
+    pairs = [(m, TWINS[m]) for m in ("nesterov-dl", "qh-dl", "pipeoptim-qh-dl",
+                                     "basis-rotation", "basis-rotation-dl",
+                                     "pipeoptim-basis-rotation-dl")]
     lines = ["| setting | method | held-out loss | its staleness-free twin | gap to the twin "
              "| `sequential` | gap to `sequential` |", "|---|---|---:|---:|---:|---:|---:|"]
     n = 0
@@ -208,6 +214,29 @@ def study_twins() -> str:
                          f"{a.gap_to(b):+.3f} | {r.final_mean:.3f} | "
                          f"{a.gap_to(r):+.3f} |")
     return ("\n".join(lines) + "\n") if n else "(twin runs not in docs/results yet)\n"
+
+
+def study_sgd_screens() -> str:
+    """One-seed variants of the default tried on the 8-stage SGD setting (lm_screens.jsonl)."""
+    from predictopt.pipeline.methods import DEFAULT_METHOD
+    from predictopt.study import LMConfig
+
+    if not SCREENS.exists():
+        return "(no screening runs in docs/results yet)\n"
+    screens = [json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip()]
+    ref = {(r["method"], r["seed"], json.dumps(r["config"], sort_keys=True)): r["final_loss"]
+           for r in _records()}
+    lines = ["| variant | seed | held-out loss | the default (`" + DEFAULT_METHOD + "`) | "
+             "`sequential` |", "|---|---:|---:|---:|---:|"]
+    for r in screens:
+        key = json.dumps(r["config"], sort_keys=True)
+        cfg = LMConfig(**r["config"])
+        base = ref.get((DEFAULT_METHOD, r["seed"], key))
+        seq = ref.get(("sequential", r["seed"], key))
+        fmt = (lambda v: "" if v is None else f"{v:.3f}")  # noqa: E731
+        lines.append(f"| {r['variant']} ({cfg.stages} stages, {cfg.optimizer}) | {r['seed']} | "
+                     f"{r['final_loss']:.3f} | {fmt(base)} | {fmt(seq)} |")
+    return "\n".join(lines) + "\n"
 
 
 def study_goal() -> str:
@@ -657,6 +686,7 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "pb-results": pb_results,
                                           "study-twins": study_twins,
                                           "study-goal": study_goal,
+                                          "study-sgd-screens": study_sgd_screens,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

@@ -77,6 +77,11 @@ class BitPipeRuntime:
             :class:`~predictopt.pipeline.BitPipeSimulator`).
         loss_fn: ``loss_fn(output, target)`` (a per-micro-batch mean).
         update_every: Completed backwards of one copy per update (default: the method's).
+        copy_chunk: ``copy_chunk(module)``: replica ``B``'s copy of one of this rank's chunks,
+            made from the chunk module before any optimizer is built (default
+            ``copy.deepcopy``, as the simulator; a caller may record which copied parameter
+            belongs to which original, e.g. to give every copy its own optimizer over the
+            original's param groups).
 
     Attributes:
         rank, num_ranks: This rank and ``K``.
@@ -92,7 +97,8 @@ class BitPipeRuntime:
                  make_optimizer: Callable[[Iterable[nn.Parameter]], Optimizer], *,
                  n_microbatches: int, method: str | Method = DEFAULT_METHOD,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                 update_every: int | None = None, num_chunks: int | None = None) -> None:
+                 update_every: int | None = None, num_chunks: int | None = None,
+                 copy_chunk: Callable[[nn.Module], nn.Module] = copy.deepcopy) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("BitPipeRuntime needs torch.distributed initialised "
                                "(init_process_group with the gloo backend) on every rank")
@@ -121,7 +127,7 @@ class BitPipeRuntime:
                 else stages[c]
             for rep in "AB":  # replica B: a deep copy of the initial chunk, as the simulator
                 if self._place[(rep, c)] == self.rank:
-                    mine[(rep, c)] = module if rep == "A" else copy.deepcopy(module)
+                    mine[(rep, c)] = module if rep == "A" else copy_chunk(module)
         self.copies = _copy_workers(mine, make_optimizer, spec, k, m, u)
         self._real = {key: w.optimizer.step for key, w in self.copies.items()}
         self._syncs = dict.fromkeys(self.copies, 0)

@@ -26,6 +26,7 @@ from ..rules import (
 )
 from .methods import PER_STEP, WINDOW, Cadence, Method, register_method
 from .transforms import (
+    BasisRotation,
     DelayCompensation,
     DelayScaledLR,
     DiscrepancyCorrection,
@@ -207,6 +208,13 @@ DC_ASGD = register_method(Method(
     summary="weight stashing + delay-compensated gradients (DC-ASGD-a)",
     source="Zheng et al., Asynchronous SGD with Delay Compensation, ICML 2017"))
 
+BASIS_ROTATION = register_method(Method(
+    "basis-rotation", transforms=(BasisRotation(),),
+    summary="weight stashing; Adam/AdamW run in the eigenbasis of the gradient's two-sided "
+            "second moments (RotatedAdamW)",
+    source="Jung, Shin & Lee, Mitigating Staleness in Asynchronous Pipeline Parallelism via "
+           "Basis Rotation, ICML 2026 (arXiv 2602.03515; code: LOG-postech/basis-rotation)"))
+
 # Candidates of this project (see the study): delay-scaled learning rate with Nesterov-style
 # momentum, with and without prediction.
 register_method(Method(
@@ -229,6 +237,14 @@ register_method(Method(
     transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()),
     summary="qh-dl with predicted forward weights", source="this project"))
 register_method(Method(
+    "basis-rotation-dl", transforms=(BasisRotation(), DelayScaledLR()),
+    summary="basis-rotation with the learning rate / (1 + delay)", source="this project"))
+register_method(Method(
+    "pipeoptim-basis-rotation-dl", forward="predicted",
+    transforms=(BasisRotation(), DelayScaledLR()),
+    summary="basis-rotation-dl with predicted forward weights (RotatedAdamW's own rule)",
+    source="this project"))
+register_method(Method(
     "pipeoptim-sc", forward="predicted", transforms=(SpikeCompensation(),),
     summary="Spike Compensation + Linear Weight Prediction on torch's schedules (momentum SGD)",
     source="Kosson et al., MLSys 2021, applied to 1F1B-style pipelines"))
@@ -240,6 +256,15 @@ register_method(Method(
     transforms=(NesterovMomentum(), DelayScaledLR(delays="1f1b")),
     summary="staleness-free twin of nesterov-dl (same optimizer and per-stage learning rates, "
             "no pipeline)", source="this project"))
+register_method(Method(
+    "sequential-basis-rotation", staleness_free=True, transforms=(BasisRotation(),),
+    summary="staleness-free twin of basis-rotation (RotatedAdamW, no pipeline)",
+    source="this project"))
+register_method(Method(
+    "sequential-basis-rotation-dl", staleness_free=True,
+    transforms=(BasisRotation(), DelayScaledLR(delays="1f1b")),
+    summary="staleness-free twin of basis-rotation-dl (RotatedAdamW with the per-stage learning "
+            "rates, no pipeline)", source="this project"))
 register_method(Method(
     "sequential-qh-dl", staleness_free=True,
     transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR(delays="1f1b")),

@@ -29,6 +29,9 @@ setting the learning rate the converted one uses.
   backward reads $w - \ell\,\delta$ instead of the current $w$, $\ell$ the updates since the
   forward and $\delta$ an EMA of the stage's recent updates, an estimate of the forward's
   weights that costs no copy per micro-batch.
+* :class:`BasisRotation` (Jung, Shin & Lee, ICML 2026): Adam/AdamW become
+  :class:`~predictopt.basis_rotation.RotatedAdamW`, Adam in the eigenbasis of the gradient's
+  two-sided second moments, where delayed updates stay aligned with the undelayed ones.
 * :class:`DelayCompensation` (DC-ASGD, Zheng et al., 2017): each delayed gradient is corrected
   to first order with the diagonal outer-product approximation of the Hessian,
   $g + \lambda\,g \odot g \odot (w_{now} - w_{fwd})$, with the adaptive
@@ -45,11 +48,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..basis_rotation import RotatedAdamW
 from ..spike import SpikeCompensatedSGD
 from .methods import StageContext, StageTransform, UpdateContext
 
 __all__ = [
     "AdaptiveMomentum",
+    "BasisRotation",
     "DelayCompensation",
     "DelayScaledLR",
     "DiscrepancyCorrection",
@@ -184,6 +189,49 @@ class NesterovMomentum(StageTransform):
             g["decoupled_weight_decay"] = decoupled
             g["fused"] = None  # torch has no fused NAdam
         return _rebuild(torch.optim.NAdam, groups, lr=groups[0]["lr"])
+
+
+class BasisRotation(StageTransform):
+    r"""Basis rotation for the stage (Jung, Shin & Lee, ICML 2026; code:
+    LOG-postech/basis-rotation): ``Adam``/``AdamW`` become
+    :class:`~predictopt.basis_rotation.RotatedAdamW` with the same learning rate, betas, eps and
+    weight decay (decoupled for AdamW, L2 for Adam), over the same parameter group dicts.
+    Idempotent on ``RotatedAdamW``.
+
+    Args:
+        precondition_frequency: Updates between two refreshes of the bases (the authors
+            train with 10).
+        shampoo_beta: Moving-average coefficient of the covariances (``None``: the
+            optimizer's second beta, as the authors' code).
+        max_dim: Sides longer than this are not rotated.
+    """
+
+    def __init__(self, precondition_frequency: int = 10, shampoo_beta: float | None = None,
+                 max_dim: int = 4096) -> None:
+        RotatedAdamW([torch.zeros(1)], precondition_frequency=precondition_frequency,
+                     shampoo_beta=shampoo_beta, max_dim=max_dim)  # checks the values
+        self.precondition_frequency = precondition_frequency
+        self.shampoo_beta = shampoo_beta
+        self.max_dim = max_dim
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if isinstance(optimizer, RotatedAdamW):
+            return optimizer
+        if not isinstance(optimizer, _ADAM_LIKE) or any(
+                g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
+            raise ValueError(f"basis rotation converts Adam or AdamW (without amsgrad or "
+                             f"maximize); got {type(optimizer).__name__}")
+        _fresh(optimizer, "basis rotation")
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+            g.get("decoupled_weight_decay") for g in optimizer.param_groups)
+        groups = optimizer.param_groups
+        for g in groups:
+            g.update(decoupled_weight_decay=decoupled,
+                     precondition_frequency=self.precondition_frequency,
+                     shampoo_beta=self.shampoo_beta, max_dim=self.max_dim)
+            if isinstance(g["lr"], Tensor):
+                g["lr"] = float(g["lr"])
+        return _rebuild(RotatedAdamW, groups, lr=groups[0]["lr"])
 
 
 class AdaptiveMomentum(StageTransform):
