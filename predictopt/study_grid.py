@@ -33,6 +33,9 @@ DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh
                                      "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl")
 #: The methods at 4 and 16 stages first: the reference, the baseline, the candidates.
 SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim-qh-dl")
+#: Basis rotation with prediction and its twin, at 4 and 16 stages (AdamW only).
+ROTATION_METHODS: tuple[str, ...] = ("sequential", "pipeoptim-basis-rotation-dl",
+                                     "sequential-basis-rotation-dl")
 #: (stages, optimizer, methods), in the order they run (what decides the default first, so a
 #: partial run is useful); methods a setting cannot run are skipped
 #: (:func:`predictopt.study.applicable`); what is cached already is not run again.
@@ -42,6 +45,7 @@ PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (4, "adamw", SCALE_METHODS), (16, "adamw", SCALE_METHODS),
     (4, "sgd", SCALE_METHODS), (16, "sgd", SCALE_METHODS),
     (4, "muon", SCALE_METHODS), (16, "muon", SCALE_METHODS),
+    (4, "adamw", ROTATION_METHODS), (16, "adamw", ROTATION_METHODS),
     (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
     (4, "adamw", CORE_METHODS), (4, "sgd", CORE_METHODS),
     (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))
