@@ -206,20 +206,21 @@ def test_transform_refuses_what_it_cannot_convert():
         BasisRotation(precondition_frequency=0)
 
 
+def _simulate(method, make):
+    """Three steps of a 3-stage MLP in the simulator: (weights, losses, simulator)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    ms = mlp_stages(5, 8, 3, 3, seed=1)
+    sim = PipelineSimulator(ms, make, method=method, n_microbatches=4)
+    losses = [v for _ in range(3) for v in sim.step(x, y)]
+    return [p.detach().clone() for m in ms for p in m.parameters()], losses, sim
+
+
 def test_basis_rotation_method_trains_rotated_adam_on_weight_stashing():
     """The method is pipedream (weight stashing) with the converted optimizer: equal, bit for
     bit, to pipedream given RotatedAdamW directly."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-    def run(method, make):
-        ms = mlp_stages(5, 8, 3, 3, seed=1)
-        sim = PipelineSimulator(ms, make, method=method, n_microbatches=4)
-        losses = [v for _ in range(3) for v in sim.step(x, y)]
-        return [p.detach().clone() for m in ms for p in m.parameters()], losses, sim
-
-    wa, la, sim = run("basis-rotation", lambda p: torch.optim.AdamW(p, lr=1e-2))
-    wb, lb, _ = run("pipedream", lambda p: RotatedAdamW(p, lr=1e-2))
+    wa, la, sim = _simulate("basis-rotation", lambda p: torch.optim.AdamW(p, lr=1e-2))
+    wb, lb, _ = _simulate("pipedream", lambda p: RotatedAdamW(p, lr=1e-2))
     assert all(isinstance(w.optimizer.optimizer, RotatedAdamW) for w in sim.workers)
     assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
     assert get_method("basis-rotation").source.startswith("Jung")
@@ -283,19 +284,10 @@ def test_the_default_method_with_rotated_adamw_is_pipeoptim_basis_rotation_dl():
     prediction (RotatedAdamW's own rule) do."""
     from predictopt.pipeline import DEFAULT_METHOD
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-    def run(method, make):
-        ms = mlp_stages(5, 8, 3, 3, seed=1)
-        sim = PipelineSimulator(ms, make, method=method, n_microbatches=4)
-        losses = [v for _ in range(3) for v in sim.step(x, y)]
-        return [p.detach().clone() for m in ms for p in m.parameters()], losses
-
     assert DEFAULT_METHOD == "pipeoptim-qh-dl"
     with pytest.warns(UserWarning, match="quasi-hyperbolic momentum applies to"):
-        wa, la = run(DEFAULT_METHOD, lambda p: RotatedAdamW(p, lr=1e-2))
-    wb, lb = run("pipeoptim-basis-rotation-dl", lambda p: torch.optim.AdamW(p, lr=1e-2))
+        wa, la, _ = _simulate(DEFAULT_METHOD, lambda p: RotatedAdamW(p, lr=1e-2))
+    wb, lb, _ = _simulate("pipeoptim-basis-rotation-dl", lambda p: torch.optim.AdamW(p, lr=1e-2))
     assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
 
 
