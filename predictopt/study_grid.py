@@ -19,7 +19,7 @@ ALL_METHODS: tuple[str, ...] = (
     "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl",
     "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc", "basis-rotation",
     "sequential-basis-rotation", "basis-rotation-dl", "sequential-basis-rotation-dl",
-    "pipeoptim-basis-rotation-dl")
+    "pipeoptim-basis-rotation-dl", "error-feedback")
 #: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
 #: strongest and this project's candidate).
 CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nesterov-dl",
@@ -27,7 +27,7 @@ CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nester
 #: The methods with Muon (those that convert the optimizer do not apply to it).
 MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
                                  "sequential-qh-dl", "pipeoptim-qh-dl", "pipedream-dl",
-                                 "pipemare", "dc-asgd")
+                                 "pipemare", "dc-asgd", "error-feedback")
 #: The methods that decide the default (the references, the paper baselines, the candidates).
 DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
                                      "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl")
@@ -36,6 +36,8 @@ SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim
 #: Basis rotation with prediction and its twin, at 4 and 16 stages (AdamW only).
 ROTATION_METHODS: tuple[str, ...] = ("sequential", "pipeoptim-basis-rotation-dl",
                                      "sequential-basis-rotation-dl")
+#: The default's staleness-free twin at 4 and 16 stages (what its per-stage rates cost there).
+TWIN_METHODS: tuple[str, ...] = ("sequential-qh-dl",)
 #: (stages, optimizer, methods), in the order they run (what decides the default first, so a
 #: partial run is useful); methods a setting cannot run are skipped
 #: (:func:`predictopt.study.applicable`); what is cached already is not run again.
@@ -46,6 +48,8 @@ PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (4, "sgd", SCALE_METHODS), (16, "sgd", SCALE_METHODS),
     (4, "muon", SCALE_METHODS), (16, "muon", SCALE_METHODS),
     (4, "adamw", ROTATION_METHODS), (16, "adamw", ROTATION_METHODS),
+    (4, "sgd", TWIN_METHODS), (4, "muon", TWIN_METHODS), (4, "adamw", TWIN_METHODS),
+    (16, "sgd", TWIN_METHODS), (16, "muon", TWIN_METHODS), (16, "adamw", TWIN_METHODS),
     (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
     (4, "adamw", CORE_METHODS), (4, "sgd", CORE_METHODS),
     (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))

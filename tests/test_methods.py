@@ -582,16 +582,17 @@ def test_a_scheduler_inside_a_scaled_update_is_reported_and_after_update_is_exac
         assert w.optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** w.num_updates
 
 
-def test_an_after_step_correction_skips_an_update_the_optimizer_skipped():
+@pytest.mark.parametrize("method", ["qh-dl", "error-feedback"])
+def test_an_after_step_correction_skips_an_update_the_optimizer_skipped(method):
     """GradScaler (and Lightning's 16-bit precision) skip the optimizer step of an overflowed
-    batch; quasi-hyperbolic momentum's correction must skip with it: the weights stay as they
-    were, finite, and the next update runs as usual."""
+    batch; an after-step correction (quasi-hyperbolic momentum, error feedback) must skip
+    with it: the weights stay as they were, finite, and the next update runs as usual."""
     from predictopt.pipeline import PipelineSimulator
 
     torch.manual_seed(0)
     sim = PipelineSimulator(mlp_stages(4, 8, 3, 2, seed=0),
                             lambda ps: torch.optim.AdamW(ps, lr=0.01),
-                            method="qh-dl", n_microbatches=2,
+                            method=method, n_microbatches=2,
                             loss_fn=torch.nn.functional.cross_entropy)
     x, y = torch.randn(4, 4), torch.arange(4) % 3
     sim.step(x, y)  # momentum state exists: the correction would move the weights

@@ -294,7 +294,9 @@ def test_eval_uses_real_weights_and_does_not_train(one_rank) -> None:
 
 def test_checkpoint_resume_bit_for_bit_one_rank(one_rank) -> None:
     batches = make_batches(4, 3, seed=11)
-    for method, schedule in (("pipeoptim", "DualPipeV"), ("pipedream-2bw", "1F1B")):
+    # error-feedback: a method whose transforms keep state (the update estimate) in the stage
+    for method, schedule in (("pipeoptim", "DualPipeV"), ("pipedream-2bw", "1F1B"),
+                             ("error-feedback", "1F1B")):
         ref_stages = _stages(schedule, method=method, opt="adamw", update_every=None)
         ref_losses = _dist.run_steps(ref_stages, make_native(ref_stages, schedule, 4), batches)
         stages = _stages(schedule, method=method, opt="adamw")

@@ -216,27 +216,43 @@ def study_twins() -> str:
     return ("\n".join(lines) + "\n") if n else "(twin runs not in docs/results yet)\n"
 
 
-def study_sgd_screens() -> str:
-    """One-seed variants of the default tried on the 8-stage SGD setting (lm_screens.jsonl)."""
-    from predictopt.pipeline.methods import DEFAULT_METHOD
+def _screens(groups: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    """One-seed screening runs of ``groups`` (lm_screens.jsonl; records without a group are the
+    default's SGD variants), each beside the same seed's runs of ``columns``."""
     from predictopt.study import LMConfig
 
     if not SCREENS.exists():
         return "(no screening runs in docs/results yet)\n"
-    screens = [json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip()]
+    screens = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
+               if r.get("group", "sgd-default") in groups]
     ref = {(r["method"], r["seed"], json.dumps(r["config"], sort_keys=True)): r["final_loss"]
            for r in _records()}
-    lines = ["| variant | seed | held-out loss | the default (`" + DEFAULT_METHOD + "`) | "
-             "`sequential` |", "|---|---:|---:|---:|---:|"]
+    lines = ["| variant | seed | held-out loss | " + " | ".join(f"`{c}`" for c in columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]
     for r in screens:
         key = json.dumps(r["config"], sort_keys=True)
         cfg = LMConfig(**r["config"])
-        base = ref.get((DEFAULT_METHOD, r["seed"], key))
-        seq = ref.get(("sequential", r["seed"], key))
-        fmt = (lambda v: "" if v is None else f"{v:.3f}")  # noqa: E731
+        vals = [ref.get((c, r["seed"], key)) for c in columns]
+        cells = " | ".join("" if v is None else f"{v:.3f}" for v in vals)
         lines.append(f"| {r['variant']} ({cfg.stages} stages, {cfg.optimizer}) | {r['seed']} | "
-                     f"{r['final_loss']:.3f} | {fmt(base)} | {fmt(seq)} |")
+                     f"{r['final_loss']:.3f} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def study_sgd_screens() -> str:
+    """One-seed variants of the default tried on the 8-stage SGD setting (lm_screens.jsonl)."""
+    from predictopt.pipeline.methods import DEFAULT_METHOD
+
+    return _screens(("sgd-default",), (DEFAULT_METHOD, "sequential"))
+
+
+def study_ef_screens() -> str:
+    """One-seed variants of error feedback and other corrections of the delayed update
+    (lm_screens.jsonl, groups "error-feedback" and "corrections")."""
+    from predictopt.pipeline.methods import DEFAULT_METHOD
+
+    return _screens(("error-feedback", "corrections"),
+                    ("error-feedback", "pipedream", DEFAULT_METHOD, "sequential"))
 
 
 def study_goal() -> str:
@@ -687,6 +703,7 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-twins": study_twins,
                                           "study-goal": study_goal,
                                           "study-sgd-screens": study_sgd_screens,
+                                          "study-ef-screens": study_ef_screens,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

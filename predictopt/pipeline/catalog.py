@@ -30,6 +30,7 @@ from .transforms import (
     DelayCompensation,
     DelayScaledLR,
     DiscrepancyCorrection,
+    ErrorFeedback,
     NesterovMomentum,
     QuasiHyperbolicMomentum,
     RequireMomentumSGD,
@@ -248,6 +249,12 @@ register_method(Method(
     "pipeoptim-sc", forward="predicted", transforms=(SpikeCompensation(),),
     summary="Spike Compensation + Linear Weight Prediction on torch's schedules (momentum SGD)",
     source="Kosson et al., MLSys 2021, applied to 1F1B-style pipelines"))
+register_method(Method(
+    "error-feedback", transforms=(ErrorFeedback(),),
+    summary="weight stashing; the weights carry an estimate of the updates in flight (the "
+            "delay times the optimizer's latest own update), fed back like an error",
+    source="this project, after Stich & Karimireddy, The Error-Feedback Framework, 2020 (not "
+           "Zmushko et al.'s algorithm, which was not available)"))
 
 # Staleness-free twins of the candidates (what their transforms do without any delay; the lr
 # factors are those of 1F1B's delays), for the study's comparison.

@@ -36,6 +36,10 @@ setting the learning rate the converted one uses.
   to first order with the diagonal outer-product approximation of the Hessian,
   $g + \lambda\,g \odot g \odot (w_{now} - w_{fwd})$, with the adaptive
   $\lambda = \lambda_0 / \sqrt{\overline{g^2}}$ of DC-ASGD-a.
+* :class:`ErrorFeedback` (this project's, after Stich & Karimireddy's error-feedback view of
+  delayed SGD, 2020): the weights carry an estimate of the updates in flight,
+  $w = x + \gamma D\,\bar u$, $\bar u$ an EMA of the optimizer's own updates, so that delayed
+  gradients are taken near the virtual (undelayed) iterate.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "DelayCompensation",
     "DelayScaledLR",
     "DiscrepancyCorrection",
+    "ErrorFeedback",
     "NesterovMomentum",
     "QuasiHyperbolicMomentum",
     "RequireMomentumSGD",
@@ -600,3 +605,78 @@ class DiscrepancyCorrection(StageTransform):
                                   device=param.device)
         torch.add(param.detach(), d, alpha=-float(lag), out=out)
         return out
+
+
+class ErrorFeedback(StageTransform):
+    r"""Error feedback for delayed updates: the stage's weights track the virtual iterate.
+
+    Delayed SGD, $x_{t+1} = x_t - \eta\,g(x_{t-D})$, is the error-feedback recursion whose
+    error is the updates still in flight (Stich & Karimireddy, 2020): the *virtual* iterate
+    $\tilde x_t$, $x_t$ plus those updates, follows undelayed SGD, and the delay's damage is that
+    gradients are taken at $x_{t-D}$ instead of near $\tilde x_t$. This transform estimates the
+    error as $\gamma D$ (smoothed) updates and feeds it back into the weights, so that the
+    weights the forwards read are the base iterate plus the estimate: with $u_t$ the optimizer's
+    own update of step $t$ (whatever the optimizer: measured as the change of the weights across
+    its step),
+
+    $$\bar u_t = \beta\,\bar u_{t-1} + (1 - \beta)\,u_t, \qquad
+      w_{t+1} = w_t + u_t + k\,(\bar u_t - \bar u_{t-1}), \quad k = \gamma D,$$
+
+    so $w_t = x_t + k\,\bar u_t$ at all times ($x_t$ the iterate without the correction). Per
+    step the correction is $k(1 - \beta)(u_t - \bar u_{t-1})$, a mix of the newest update and
+    the recent ones, in the spirit of Zmushko et al.'s error-feedback correction for a one-step
+    delay (ICML 2026), whose exact algorithm this project could not read (only its abstract is
+    available offline): this is not their method. $\beta = 0$, $\gamma = 1$, $D = 1$ gives
+    $2u_t - u_{t-1}$, the optimistic update. An undelayed stage ($D = 0$) is left as it is, and
+    so is an update the optimizer skipped (the worker calls no after-step hook then).
+
+    Costs two copies of the stage's weights (the weights before the step and $\bar u$, in the
+    worker's transform state, saved in stage checkpoints) and six elementwise passes over them
+    per update; no copy per micro-batch.
+
+    The default $\beta = 0$ estimates the error from the newest update alone
+    ($w = x + \gamma D\,u_t$); in one-seed trials of the study's 8-stage AdamW and SGD settings
+    it did better than $\beta = 0.9$ (docs: Convergence study).
+
+    Args:
+        beta: $\beta \in [0, 1)$, the smoothing of the update estimate.
+        gain: $\gamma \ge 0$: the error is estimated as $\gamma D$ smoothed updates.
+    """
+
+    BEFORE = "ef_before"
+    AVERAGE = "ef_avg"
+
+    def __init__(self, beta: float = 0.0, gain: float = 1.0) -> None:
+        self.beta = _number(beta, "beta", high=1.0, high_open=True)
+        self.gain = _number(gain, "gain")
+
+    def _k(self, ctx: StageContext) -> float:
+        return self.gain * ctx.delay
+
+    @torch.no_grad()
+    def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        if not self._k(ctx):
+            return
+        for p in update.params:
+            st = update.state.setdefault(p, {})
+            before = st.get(self.BEFORE)
+            if before is None:
+                st[self.BEFORE] = p.detach().clone()
+            else:
+                before.copy_(p.detach())
+
+    @torch.no_grad()
+    def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
+        k = self._k(ctx)
+        if not k:
+            return
+        c = 1.0 - self.beta
+        for p in update.params:
+            st = update.state[p]
+            u = st[self.BEFORE].sub_(p.detach()).neg_()  # u_t, in the buffer of the old weights
+            avg = st.get(self.AVERAGE)
+            if avg is None:
+                avg = st[self.AVERAGE] = torch.zeros_like(u)
+            u.sub_(avg)  # u_t - avg_{t-1}
+            p.detach().add_(u, alpha=k * c)
+            avg.add_(u, alpha=c)
