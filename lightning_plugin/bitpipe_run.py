@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .checkpoint import stage_part, stage_state
+from .checkpoint import load_method_state, method_state, stage_part, stage_state
 from .comm import all_gather_objects, to_cpu
 from .contract import pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
@@ -309,7 +309,9 @@ class BitPipeRun(PipelineRun):
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
-        """Replica ``A``'s chunks of this rank: its optimizers are the checkpoint's."""
+        """Replica ``A``'s chunks of this rank: its optimizers are the checkpoint's; the
+        method's transform state of both copies, keyed ``(replica, parameter number)`` (a
+        copy's delay, and so its transforms' state, depends on its replica)."""
         part: dict[int, Any] = {}
         previous: dict[int, Any] = {}
         for c in self.local:
@@ -320,7 +322,10 @@ class BitPipeRun(PipelineRun):
             if prev is not None:
                 previous.update({self.index[id(p)]: t.detach().cpu()
                                  for p, t in zip(worker.params, prev)})
-        return {"part": part, "previous": previous,
+        transforms = {(key[0], i): st for key in self.keys
+                      for i, st in method_state(self.runtime.copies[key],
+                                                self._index_of(key)).items()}
+        return {"part": part, "previous": previous, "transforms": transforms,
                 "updates": {c: self.updates.updates[("A", c)] for c in self.local}}
 
     def load(self, checkpoint: Any) -> None:
@@ -342,10 +347,16 @@ class BitPipeRun(PipelineRun):
             for s, sd in zip(self.schedulers[key], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[key] = int(done.get(key[1], fallback))
-        saved = extras.get("previous") if extras.get("method") == self.plan.method else None
+        same = extras.get("method") == self.plan.method
+        saved = extras.get("previous") if same else None
         if saved:
             for key, worker in self.runtime.copies.items():
                 index = self._index_of(key)
                 worker.previous_version = [saved[index[id(p)]].to(p.device)
                                            for p in worker.params]
+        if same:
+            transforms = extras.get("transforms") or {}
+            for key in self.keys:
+                mine = {i: st for (rep, i), st in transforms.items() if rep == key[0]}
+                load_method_state(self.runtime.copies[key], mine, self._index_of(key))
         self._epoch_marks = self._marks()

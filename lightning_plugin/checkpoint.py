@@ -5,7 +5,8 @@
 position of their parameters in that optimizer, its param groups with the current
 hyper-parameters. So a checkpoint moves between this strategy and a single device in both
 directions, and between schedules and methods. What only a pipeline has (updates made per
-stage, ``pipedream-2bw``'s previous weights) goes under the top-level key
+stage, ``pipedream-2bw``'s previous weights, the state of a method's transforms such as
+DC-ASGD's mean squares or error feedback's estimate) goes under the top-level key
 :data:`CHECKPOINT_KEY`, which a single-device run ignores.
 """
 
@@ -14,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from .comm import to_cpu
 from .errors import PipeOptimConfigError
 
-__all__ = ["CHECKPOINT_KEY", "assemble", "param_index", "stage_part", "stage_state"]
+__all__ = ["CHECKPOINT_KEY", "assemble", "load_method_state", "method_state", "param_index",
+           "stage_part", "stage_state"]
 
 #: Top-level checkpoint key of the pipeline's own state.
 CHECKPOINT_KEY = "predictopt_pipeline"
@@ -97,3 +100,22 @@ def stage_state(full: Mapping[str, Any], optimizer: Optimizer, index: Mapping[in
                 state[counter] = st
             counter += 1
     return {"state": state, "param_groups": out_groups}
+
+
+def method_state(worker: Any, index: Mapping[int, int]) -> dict[int, dict[str, Any]]:
+    """A stage worker's per-parameter method state (its transforms' ``transform_state``),
+    keyed by the single-device parameter numbers, on the CPU."""
+    return {index[id(p)]: to_cpu(st) for p, st in worker.transform_state.items() if st}
+
+
+def load_method_state(worker: Any, saved: Mapping[int, Mapping[str, Any]],
+                      index: Mapping[int, int]) -> None:
+    """Replace a stage worker's method state with the saved one (:func:`method_state`), copied
+    onto each parameter's device."""
+    worker.transform_state.clear()
+    for p in worker.params:
+        st = saved.get(index[id(p)])
+        if st:
+            worker.transform_state[p] = {
+                k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
+                for k, v in st.items()}

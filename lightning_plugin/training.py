@@ -18,7 +18,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import CHECKPOINT_KEY, assemble, param_index, stage_part, stage_state
+from .checkpoint import (
+    CHECKPOINT_KEY,
+    assemble,
+    load_method_state,
+    method_state,
+    param_index,
+    stage_part,
+    stage_state,
+)
 from .comm import all_gather_objects, comm_device, gather_objects, to_cpu
 from .contract import batch_fingerprint, pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
@@ -304,9 +312,11 @@ class PipelineRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
-        """This rank's share of a checkpoint: ``{"part", "previous", "updates"}`` per stage."""
+        """This rank's share of a checkpoint: ``{"part", "previous", "transforms",
+        "updates"}``."""
         part: dict[int, Any] = {}
         previous: dict[int, Any] = {}
+        transforms: dict[int, Any] = {}
         for stage in self.stages:
             k = stage.stage_index
             part[k] = stage_part(self.optimizers[k], self.index)
@@ -314,7 +324,10 @@ class PipelineRun:
             if prev is not None:
                 previous.update({self.index[id(p)]: t.detach().cpu()
                                  for p, t in zip(stage.worker.params, prev)})
-        return {"part": part, "previous": previous, "updates": dict(self.updates.updates)}
+            if stage.worker is not None:
+                transforms.update(method_state(stage.worker, self.index))
+        return {"part": part, "previous": previous, "transforms": transforms,
+                "updates": dict(self.updates.updates)}
 
     def optimizer_state(self, global_step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(single-device optimizer state, pipeline state)`` on global rank 0 (every rank
@@ -329,7 +342,9 @@ class PipelineRun:
                   "n_microbatches": self.plan.n_microbatches,
                   "update_every": self.plan.update_every, "global_step": global_step,
                   "updates": {k: v for r in parts for k, v in r["updates"].items()},
-                  "previous": {i: t for r in parts for i, t in r["previous"].items()} or None}
+                  "previous": {i: t for r in parts for i, t in r["previous"].items()} or None,
+                  "transforms": {i: t for r in parts
+                                 for i, t in r["transforms"].items()} or None}
         return full, extras
 
     def _checkpoint_parts(self, checkpoint: Any
@@ -352,8 +367,9 @@ class PipelineRun:
         """Load this rank's stages' optimizer, scheduler and method state.
 
         Accepts single-device checkpoints and this strategy's, from any schedule or method;
-        ``pipedream-2bw``'s previous weights are restored when the checkpoint's method is the
-        same (otherwise the method starts as after a fresh start).
+        ``pipedream-2bw``'s previous weights and the method's transform state are restored
+        when the checkpoint's method is the same (otherwise the method starts as after a fresh
+        start).
 
         Raises:
             PipeOptimConfigError: not one optimizer state, another optimizer's, or a
@@ -366,10 +382,13 @@ class PipelineRun:
             for s, sd in zip(self.schedulers[k], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[k] = int(done.get(k, fallback))
-        saved = extras.get("previous") if extras.get("method") == self.plan.method else None
+        same = extras.get("method") == self.plan.method
+        saved = extras.get("previous") if same else None
         for stage in self.stages:
             worker = stage.worker
             if saved and worker is not None:
                 worker.previous_version = [saved[self.index[id(p)]].to(p.device)
                                            for p in worker.params]
+            if same and worker is not None:
+                load_method_state(worker, extras.get("transforms") or {}, self.index)
         self._epoch_marks = self._marks()

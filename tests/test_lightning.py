@@ -52,6 +52,7 @@ from lightning_plugin import (  # noqa: E402
 )
 from predictopt.data import mlp_stages  # noqa: E402
 from predictopt.pipeline import DEFAULT_METHOD, PREDICTING_METHODS, PipelineSimulator  # noqa: E402
+from predictopt.pipeline.transforms import ErrorFeedback  # noqa: E402
 
 IN, HID, OUT = 8, 8, 4
 N_DATA = 64
@@ -390,11 +391,13 @@ def run_checkpoints(rank: int, tmp: str) -> dict[str, Any]:
 
 
 def run_resume(rank: int, tmp: str) -> dict[str, Any]:
-    """Per-stage state a single device has not: pipedream-2bw's previous weights; two
-    stages and optimizers per process under a V schedule."""
+    """Per-stage state a single device has not: pipedream-2bw's previous weights, error
+    feedback's estimate (a transform's state); two stages and optimizers per process under a V
+    schedule."""
     out = {}
     for name, kw, num_stages, sched in (
             ("2bw", {"method": "pipedream-2bw"}, 2, "none"),
+            ("ef", {"method": "error-feedback"}, 2, "none"),
             ("zbv", {"schedule": "ZBVZeroBubble"}, 4, "both")):
         ckpt = ModelCheckpoint(dirpath=os.path.join(tmp, name))
         trainer(pipe(**kw), tmp, enable_checkpointing=True, callbacks=[ckpt]).fit(
@@ -658,14 +661,20 @@ def test_checkpoints_move_between_one_device_schedules_and_methods(runs, tmp_pat
 
 @pytest.mark.timeout(600)
 def test_exact_resume_with_pipeline_state(runs) -> None:
-    """pipedream-2bw resumes with its previous weights, ZBV with two stages, two optimizers and
-    a per-update and a per-epoch scheduler per process: both equal the uninterrupted run; so
-    does pipeoptim-lean."""
+    """pipedream-2bw resumes with its previous weights, error-feedback with its estimate, ZBV
+    with two stages, two optimizers and a per-update and a per-epoch scheduler per process: all
+    equal the uninterrupted run; so does pipeoptim-lean."""
     r0, r1 = ok(runs, "resume")
     ref, _, _ = simulate(epochs=2, method="pipedream-2bw")
     assert_same(r0["2bw"]["weights"], ref)
     blob = torch.load(r0["2bw"]["path"], weights_only=False)[CHECKPOINT_KEY]
     assert blob["method"] == "pipedream-2bw" and sorted(blob["previous"]) == list(range(4))
+    ref, _, _ = simulate(epochs=2, method="error-feedback")
+    assert_same(r0["ef"]["weights"], ref)
+    blob = torch.load(r0["ef"]["path"], weights_only=False)[CHECKPOINT_KEY]
+    # stage 0 (delay 1) keeps the estimate of its 2 tensors; the last stage has no delay
+    assert sorted(blob["transforms"]) == [0, 1]
+    assert all(ErrorFeedback.AVERAGE in st for st in blob["transforms"].values())
     ref, _, _ = simulate(num_stages=4, schedule="ZBVZeroBubble", n=8, epochs=2, sched="both")
     assert_same(r0["zbv"]["weights"], ref)
     assert_same(r1["zbv"]["weights"], ref)

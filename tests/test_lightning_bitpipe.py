@@ -114,7 +114,8 @@ def run_predicting(rank: int, tmp: str) -> dict[str, Any]:
 
 
 def run_resume(rank: int, tmp: str) -> dict[str, Any]:
-    """Resume the default run's checkpoint, and a single-device one, for a second epoch."""
+    """Resume the default run's checkpoint, and a single-device one, for a second epoch; fit
+    and resume error-feedback (state in its transforms, per copy)."""
     out = {}
     for name, path, clip in (("own", os.path.join(tmp, "bp", "bitpipe.ckpt"), CLIP),
                              ("single", os.path.join(tmp, "single.ckpt"), None)):
@@ -123,6 +124,15 @@ def run_resume(rank: int, tmp: str) -> dict[str, Any]:
         trainer(bitpipe(), tmp, max_epochs=2, gradient_clip_val=clip, callbacks=[rec]).fit(
             model, train_loader(BATCH), ckpt_path=path)
         out[name] = {"weights": weights(model), "copies": rec.copies}
+    # a method whose transforms keep state per copy (error feedback's estimate)
+    ckpt = ModelCheckpoint(dirpath=os.path.join(tmp, "bp-ef"), filename="ef")
+    trainer(bitpipe(method="error-feedback"), tmp, enable_checkpointing=True,
+            callbacks=[ckpt]).fit(Net(CHUNKS, "step"), train_loader(BATCH))
+    model = Net(CHUNKS, "step", seed=99)
+    rec = Record()
+    trainer(bitpipe(method="error-feedback"), tmp, max_epochs=2, callbacks=[rec]).fit(
+        model, train_loader(BATCH), ckpt_path=ckpt.best_model_path)
+    out["ef"] = {"weights": weights(model), "copies": rec.copies, "path": ckpt.best_model_path}
     return out
 
 
@@ -322,7 +332,8 @@ class StateAtStart(Callback):
 def test_checkpoints_are_single_device_ones(runs, tmp_path) -> None:
     """The checkpoint holds replica A's optimizer states in the single-device format (equal to
     the simulator's); a one-device fit resumes from it; BitPipe resumes from it and from a
-    single-device checkpoint with both copies restored (equal to the simulator's runs)."""
+    single-device checkpoint with both copies restored (equal to the simulator's runs), and a
+    method with transform state (error-feedback) resumes with it."""
     tmp, _ = runs
     r0, _ = ok(runs, "default")
     model, _, sim = simulate(clip=CLIP)
@@ -359,6 +370,12 @@ def test_checkpoints_are_single_device_ones(runs, tmp_path) -> None:
     for s in (s0, s1):
         assert_same(s["single"]["weights"], weights(model))
     assert_copies([s0["single"], s1["single"]], sim)
+    model, _, sim = simulate(method="error-feedback", epochs=(0, 1))
+    for s in (s0, s1):
+        assert_same(s["ef"]["weights"], weights(model))
+    assert_copies([s0["ef"], s1["ef"]], sim)
+    blob = torch.load(s0["ef"]["path"], weights_only=False)[lightning_plugin.CHECKPOINT_KEY]
+    assert {rep for rep, _ in blob["transforms"]} == {"A", "B"}
 
 
 # ---------------------------------------------------------------------------------------------
