@@ -655,28 +655,27 @@ class ErrorFeedback(StageTransform):
 
     @torch.no_grad()
     def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
-        if not self._k(ctx):
+        if not self._k(ctx) or not update.params:
             return
-        for p in update.params:
+        for p in update.params:  # first update: the buffers, once
             st = update.state.setdefault(p, {})
-            before = st.get(self.BEFORE)
-            if before is None:
-                st[self.BEFORE] = p.detach().clone()
-            else:
-                before.copy_(p.detach())
+            if self.BEFORE not in st:
+                st[self.BEFORE] = torch.empty_like(p.detach())
+                st[self.AVERAGE] = torch.zeros_like(p.detach())
+        torch._foreach_copy_([update.state[p][self.BEFORE] for p in update.params],
+                             [p.detach() for p in update.params])
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
         k = self._k(ctx)
-        if not k:
+        if not k or not update.params:
             return
         c = 1.0 - self.beta
-        for p in update.params:
-            st = update.state[p]
-            u = st[self.BEFORE].sub_(p.detach()).neg_()  # u_t, in the buffer of the old weights
-            avg = st.get(self.AVERAGE)
-            if avg is None:
-                avg = st[self.AVERAGE] = torch.zeros_like(u)
-            u.sub_(avg)  # u_t - avg_{t-1}
-            p.detach().add_(u, alpha=k * c)
-            avg.add_(u, alpha=c)
+        ws = [p.detach() for p in update.params]
+        diff = [update.state[p][self.BEFORE] for p in update.params]
+        avg = [update.state[p][self.AVERAGE] for p in update.params]
+        torch._foreach_sub_(diff, ws)
+        torch._foreach_neg_(diff)  # u_t, in the buffers of the old weights
+        torch._foreach_sub_(diff, avg)  # u_t - avg_{t-1}
+        torch._foreach_add_(ws, diff, alpha=k * c)
+        torch._foreach_add_(avg, diff, alpha=c)
