@@ -19,7 +19,7 @@ ALL_METHODS: tuple[str, ...] = (
     "pipeoptim-lean", "nesterov", "pipemare", "dc-asgd", "pipedream-dl",
     "pipeoptim-nesterov-dl", "spectrain", "pipeoptim-sc", "basis-rotation",
     "sequential-basis-rotation", "basis-rotation-dl", "sequential-basis-rotation-dl",
-    "pipeoptim-basis-rotation-dl", "error-feedback")
+    "pipeoptim-basis-rotation-dl", "error-feedback", "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl")
 #: The methods at 4 and 16 stages (the reference, the paper baselines, the literature's
 #: strongest and this project's candidate).
 CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nesterov-dl",
@@ -27,17 +27,20 @@ CORE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "nester
 #: The methods with Muon (those that convert the optimizer do not apply to it).
 MUON_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
                                  "sequential-qh-dl", "pipeoptim-qh-dl", "pipedream-dl",
-                                 "pipemare", "dc-asgd", "error-feedback")
+                                 "pipemare", "dc-asgd", "error-feedback", "pipeoptim-qh-dm-dl",
+                                 "sequential-qh-dm-dl")
 #: The methods that decide the default (the references, the paper baselines, the candidates).
 DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
-                                     "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl")
+                                     "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl",
+                                     "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl")
 #: The methods at 4 and 16 stages first: the reference, the baseline, the candidates.
-SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim-qh-dl")
+SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim-qh-dl",
+                                  "pipeoptim-qh-dm-dl")
 #: Basis rotation with prediction and its twin, at 4 and 16 stages (AdamW only).
 ROTATION_METHODS: tuple[str, ...] = ("sequential", "pipeoptim-basis-rotation-dl",
                                      "sequential-basis-rotation-dl")
 #: The default's staleness-free twin at 4 and 16 stages (what its per-stage rates cost there).
-TWIN_METHODS: tuple[str, ...] = ("sequential-qh-dl",)
+TWIN_METHODS: tuple[str, ...] = ("sequential-qh-dl", "sequential-qh-dm-dl")
 #: (stages, optimizer, methods), in the order they run (what decides the default first, so a
 #: partial run is useful); methods a setting cannot run are skipped
 #: (:func:`predictopt.study.applicable`); what is cached already is not run again.

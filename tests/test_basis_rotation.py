@@ -277,16 +277,11 @@ def test_lightning_rebuilds_rotated_adamw_per_stage():
     assert (g["lr"], g["precondition_frequency"], g["max_dim"]) == (2e-3, 5, 64)
 
 
-def test_the_default_method_with_rotated_adamw_is_pipeoptim_basis_rotation_dl():
-    """Where the optimizer must stay the user's (Lightning), returning RotatedAdamW and keeping
-    the default method gives pipeoptim-basis-rotation-dl, bit for bit: quasi-hyperbolic
-    momentum does not apply to RotatedAdamW (a warning says so), the scaled rate and the
-    prediction (RotatedAdamW's own rule) do."""
-    from predictopt.pipeline import DEFAULT_METHOD
-
-    assert DEFAULT_METHOD == "pipeoptim-qh-dl"
-    with pytest.warns(UserWarning, match="quasi-hyperbolic momentum applies to"):
-        wa, la, _ = _simulate(DEFAULT_METHOD, lambda p: RotatedAdamW(p, lr=1e-2))
+def test_a_users_rotated_adamw_under_pipeoptim_basis_rotation_dl_is_the_converted_run():
+    """Where the optimizer must stay the user's (Lightning), returning RotatedAdamW and choosing
+    pipeoptim-basis-rotation-dl gives the run of the method on plain AdamW (which it converts),
+    bit for bit: BasisRotation keeps a RotatedAdamW it is given."""
+    wa, la, _ = _simulate("pipeoptim-basis-rotation-dl", lambda p: RotatedAdamW(p, lr=1e-2))
     wb, lb, _ = _simulate("pipeoptim-basis-rotation-dl", lambda p: torch.optim.AdamW(p, lr=1e-2))
     assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
 
@@ -314,5 +309,9 @@ def test_bfloat16_matrices_rotate_in_float32():
     assert p16.dtype == torch.bfloat16
     assert all(st_[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "GG_L", "GG_R",
                                                        "Q_L", "Q_R"))
-    assert torch.allclose(p16.float(), p32, atol=0.02)  # bfloat16 weights: ~8 bits
+    # bfloat16 weights are rounded to 8 significant bits after each of the 6 steps: a relative
+    # bound of 2 ulps at the bottom of a binade (an absolute 0.02 was under 1.5 ulps for
+    # weights above 2, and failed on some CPUs by that much); moments kept in bfloat16 do not
+    # even run (eigh has no bfloat16 kernel) or, as the docstring says, land far away
+    torch.testing.assert_close(p16.float(), p32, rtol=2**-6, atol=2**-8)
     assert not torch.allclose(p16.float(), w.float(), atol=1e-3)  # it moved

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -23,6 +25,7 @@ from predictopt.pipeline.transforms import (
     AdaptiveMomentum,
     DelayCompensation,
     DelayScaledLR,
+    DelayScaledMomentum,
     NesterovMomentum,
     QuasiHyperbolicMomentum,
     SpikeCompensation,
@@ -278,10 +281,148 @@ def test_spike_compensation_is_idempotent():
 def test_adaptive_momentum_follows_the_delay():
     m = torch.nn.Linear(2, 2)
     opt = AdaptiveMomentum(0.99).prepare(torch.optim.AdamW(m.parameters()), ctx(3, 4))
-    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.9 + 3 * 0.09 / 4)
+    (g,) = AdaptiveMomentum(0.99).group_values(ctx(3, 4), opt)
+    assert g["betas"][0] == pytest.approx(0.9 + 3 * 0.09 / 4)
+    assert opt.param_groups[0]["betas"][0] == 0.9  # the group keeps the user's beta1
     with pytest.raises(ValueError, match="number of stages"):
         AdaptiveMomentum().prepare(torch.optim.AdamW(m.parameters()),
                                    StageContext((0, 1), 1, None, None))
+
+
+# ------------------------------------------------------------------ delay-scaled momentum
+
+
+def _dm_values(t, optimizer, delay):
+    return t.group_values(ctx(delay), optimizer)
+
+
+@props(50)
+@given(mu=st.floats(0.0, 0.999), tau=st.floats(0.0, 0.9), delay=st.integers(0, 64),
+       power=st.floats(0.0, 2.0))
+def test_delay_scaled_momentum_keeps_the_effective_step(mu, tau, delay, power):
+    """SGD: 1 - mu_D = (1 - mu) / (1 + D)^p and the steady-state ratio of buffer to gradient,
+    (1 - tau) / (1 - mu), is the user's; Adam's beta1 follows the same horizon; the groups
+    themselves keep the user's values."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=mu or 0.5, dampening=tau)
+    mu = opt.param_groups[0]["momentum"]
+    t = DelayScaledMomentum(power=power)
+    assert t.prepare(opt, ctx(delay)) is opt
+    f = (1 + delay) ** -power
+    vals = _dm_values(t, opt, delay)
+    if f == 1.0:
+        assert vals is None
+        return
+    (g,) = vals
+    assert g["momentum"] == pytest.approx(1 - (1 - mu) * f, rel=1e-12, abs=1e-15)
+    assert (1 - g["dampening"]) / (1 - g["momentum"]) == pytest.approx(
+        (1 - tau) / (1 - mu), rel=1e-9)
+    assert opt.param_groups[0]["momentum"] == mu and opt.param_groups[0]["dampening"] == tau
+    (a,) = _dm_values(t, torch.optim.AdamW([p]), delay)
+    assert 1 - a["betas"][0] == pytest.approx(0.1 * f, rel=1e-9) and a["betas"][1] == 0.999
+
+
+def test_delay_scaled_momentum_steady_state_of_sgd():
+    """Under a constant gradient the scaled SGD's steps converge to the user's SGD's steps."""
+    a, b = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)), \
+        torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    user = torch.optim.SGD([a], lr=0.1, momentum=0.9)
+    scaled = torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    scaled.param_groups[0].update(_dm_values(DelayScaledMomentum(), scaled, 3)[0])
+    assert scaled.param_groups[0]["momentum"] == pytest.approx(0.975)
+    for _ in range(2000):
+        a.grad = b.grad = torch.ones(1, dtype=torch.float64)
+        before = (a.detach().clone(), b.detach().clone())
+        user.step()
+        scaled.step()
+    step_user, step_scaled = before[0] - a.detach(), before[1] - b.detach()
+    torch.testing.assert_close(step_scaled, step_user, rtol=1e-9, atol=0)
+    assert float(step_user) == pytest.approx(1.0)  # lr / (1 - mu)
+
+
+def test_delay_scaled_momentum_muon_parts_and_undelayed_stages():
+    from predictopt.combined import CombinedOptimizer
+
+    m = torch.nn.Linear(4, 4)
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is not None:
+        comb = CombinedOptimizer([muon([m.weight], lr=0.01, momentum=0.95),
+                                  torch.optim.AdamW([m.bias], lr=0.01)])
+        t = DelayScaledMomentum()
+        t.prepare(comb, ctx(4))
+        assert _dm_values(t, comb.optimizers[0], 4) is None  # Muon keeps its own
+        assert _dm_values(t, comb.optimizers[1], 4)[0]["betas"][0] == pytest.approx(0.98)
+        assert _dm_values(DelayScaledMomentum(muon=True), comb.optimizers[0], 4)[0][
+            "momentum"] == pytest.approx(0.99)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    assert _dm_values(DelayScaledMomentum(), opt, 0) is None  # D = 0: the optimizer as it is
+
+
+def _per_stage(make, delays, values):
+    """``make`` for the simulator whose k-th optimizer has ``values(delay_k)`` set in its
+    groups from the start (what the transform sets during every update and prediction)."""
+    it = iter(delays)
+
+    def build(params):
+        opt = make(params)
+        for g in opt.param_groups:
+            g.update(values(opt, next(it)))
+        return opt
+    return build
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+])
+def test_delay_scaled_momentum_in_the_pipeline_is_the_per_stage_optimizer(make, batch):
+    """pipeoptim-dm (and the default) equal, bit for bit, pipeoptim (resp. the default's other
+    transforms) on optimizers built with each stage's scaled momentum: the steps, the
+    predictions (Adam's bias correction) and QH's correction all see the scaled values; and
+    the groups (what checkpoints store) keep the user's values."""
+    x, y = batch
+    t = DelayScaledMomentum()
+
+    def values(opt, d):
+        return _dm_values(t, opt, d)[0] if d else {}
+
+    dl_qh = get_method("pipeoptim-qh-dl")
+    for with_dm, without in (("pipeoptim-dm", "pipeoptim"), ("pipeoptim-qh-dm-dl", dl_qh)):
+        wa, la, sim = train(with_dm, x, y, make=make, steps=4)
+        wb, lb, _ = train(without, x, y, make=_per_stage(make, (2, 1, 0), values), steps=4)
+        assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb)), with_dm
+        fresh = make([torch.nn.Parameter(torch.ones(1))]).param_groups[0]
+        for w in sim.workers:
+            g = w.optimizer.param_groups[0]
+            assert (g.get("momentum"), g.get("dampening"), g.get("betas")) == (
+                fresh.get("momentum"), fresh.get("dampening"), fresh.get("betas"))
+
+
+def test_delay_scaled_momentum_errors_name_the_argument():
+    p = torch.nn.Parameter(torch.ones(2))
+    for bad, name in (({"power": -1.0}, "power"), ({"offset": 0.5}, "offset"),
+                      ({"delays": "x"}, "delays")):
+        with pytest.raises(ValueError, match=name):
+            DelayScaledMomentum(**bad)
+    with pytest.raises(TypeError, match="strict"):
+        DelayScaledMomentum(strict=1)
+    with pytest.raises(TypeError, match="muon"):
+        DelayScaledMomentum(muon=1)
+    for opt in (torch.optim.RMSprop([p], lr=0.1),
+                torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)):
+        with pytest.raises(ValueError, match="momentum SGD .without nesterov.*got"):
+            DelayScaledMomentum().prepare(opt, ctx())
+    plain = torch.optim.SGD([p], lr=0.1)  # no momentum: nothing to scale, and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DelayScaledMomentum().prepare(plain, ctx()) is plain
+    assert plain.param_groups[0]["momentum"] == 0
+    rms = torch.optim.RMSprop([p], lr=0.1)
+    with pytest.warns(UserWarning, match="keeps its momentum"):
+        assert DelayScaledMomentum(strict=False).prepare(rms, ctx()) is rms
+    with pytest.raises(ValueError, match="stage index"):
+        DelayScaledMomentum(delays="1f1b").prepare(torch.optim.AdamW([p]),
+                                                   StageContext((0, 1), 1, None, None))
 
 
 def _qh_reference_adamw(p, grads, lr, nu, wd=0.0):
@@ -483,9 +624,9 @@ def _qh_plain(opt, nu):
                     denom = (v / (1 - b2 ** t)).sqrt() + group["eps"]
                     p -= lr * (1 - nu) * (g - st["exp_avg"] / (1 - b1 ** t)) / denom
                 else:
-                    mu = group["momentum"]
+                    mu, tau = group["momentum"], group["dampening"]
                     g = g + group["weight_decay"] * p
-                    p -= lr * (1 - nu) * (g / (1 - mu) - st["momentum_buffer"])
+                    p -= lr * (1 - nu) * ((1 - tau) * g / (1 - mu) - st["momentum_buffer"])
 
 
 def _qh_against_plain(make, shapes, workspace=None):
@@ -518,6 +659,7 @@ def _qh_against_plain(make, shapes, workspace=None):
     lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05),
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.98, dampening=0.8, weight_decay=0.01),
 ])
 def test_quasi_hyperbolic_foreach_equals_the_plain_reference(make):
     _qh_against_plain(make, [(3, 4), (5,), (2, 2, 2)])

@@ -135,11 +135,14 @@ def stability_table() -> str:
     delays = [0, 1, 2, 3, 7, 15]
     rows = [("momentum 0.9", 0.9, 1.0, 0.0), ("momentum 0.9, predicted forward", 0.9, 1.0, 1.0),
             ("momentum 0.9, nu = 0.5", 0.9, 0.5, 0.0), ("momentum 0.99", 0.99, 1.0, 0.0),
-            ("momentum 0.99, predicted forward", 0.99, 1.0, 1.0), ("no momentum", 0.0, 1.0, 0.0)]
+            ("momentum 0.99, predicted forward", 0.99, 1.0, 1.0), ("no momentum", 0.0, 1.0, 0.0),
+            ("momentum horizon 10 (1 + D), predicted forward", "dm", 1.0, 1.0),
+            ("momentum horizon 10 (1 + D), nu = 0.5, predicted forward", "dm", 0.5, 1.0)]
     lines = ["| update | " + " | ".join(f"D = {d}" for d in delays) + " |",
              "|---|" + "---:|" * len(delays)]
     for label, beta, nu, gain in rows:
-        vals = [max_stable_curvature(beta, d, nu=nu, gain=gain) for d in delays]
+        vals = [max_stable_curvature(1 - 0.1 / (1 + d) if beta == "dm" else beta, d, nu=nu,
+                                     gain=gain) for d in delays]
         lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,7 +189,8 @@ TWINS = {"nesterov-dl": "sequential-nesterov-dl", "pipeoptim-nesterov-dl": "sequ
          "qh-dl": "sequential-qh-dl", "pipeoptim-qh-dl": "sequential-qh-dl",
          "basis-rotation": "sequential-basis-rotation",
          "basis-rotation-dl": "sequential-basis-rotation-dl",
-         "pipeoptim-basis-rotation-dl": "sequential-basis-rotation-dl"}
+         "pipeoptim-basis-rotation-dl": "sequential-basis-rotation-dl",
+         "pipeoptim-qh-dm-dl": "sequential-qh-dm-dl"}
 
 
 def study_twins() -> str:
@@ -195,8 +199,8 @@ def study_twins() -> str:
 
     records = _records()
     pairs = [(m, TWINS[m]) for m in ("nesterov-dl", "qh-dl", "pipeoptim-qh-dl",
-                                     "basis-rotation", "basis-rotation-dl",
-                                     "pipeoptim-basis-rotation-dl")]
+                                     "pipeoptim-qh-dm-dl", "basis-rotation",
+                                     "basis-rotation-dl", "pipeoptim-basis-rotation-dl")]
     lines = ["| setting | method | held-out loss | its staleness-free twin | gap to the twin "
              "| `sequential` | gap to `sequential` |", "|---|---|---:|---:|---:|---:|---:|"]
     n = 0
@@ -240,19 +244,29 @@ def _screens(groups: tuple[str, ...], columns: tuple[str, ...]) -> str:
 
 
 def study_sgd_screens() -> str:
-    """One-seed variants of the default tried on the 8-stage SGD setting (lm_screens.jsonl)."""
-    from predictopt.pipeline.methods import DEFAULT_METHOD
-
-    return _screens(("sgd-default",), (DEFAULT_METHOD, "sequential"))
+    """One-seed variants of ``pipeoptim-qh-dl`` tried on the 8-stage SGD setting
+    (lm_screens.jsonl)."""
+    return _screens(("sgd-default",), ("pipeoptim-qh-dl", "sequential"))
 
 
 def study_ef_screens() -> str:
     """One-seed variants of error feedback and other corrections of the delayed update
     (lm_screens.jsonl, groups "error-feedback" and "corrections")."""
-    from predictopt.pipeline.methods import DEFAULT_METHOD
-
     return _screens(("error-feedback", "corrections"),
-                    ("error-feedback", "pipedream", DEFAULT_METHOD, "sequential"))
+                    ("error-feedback", "pipedream", "pipeoptim-qh-dl", "sequential"))
+
+
+def study_sgd_twin_screens() -> str:
+    """What the per-stage rates cost SGD without a pipeline (lm_screens.jsonl, group
+    "sgd-twin")."""
+    return _screens(("sgd-twin",), ("sequential-qh-dl", "sequential-qh-dm-dl", "sequential"))
+
+
+def study_horizon_screens() -> str:
+    """One-seed variants of the delay-scaled momentum horizon (lm_screens.jsonl, group
+    "momentum-horizon"; ``tools/screens.py``)."""
+    return _screens(("momentum-horizon",),
+                    ("pipeoptim", "pipeoptim-qh-dl", "pipeoptim-qh-dm-dl", "sequential"))
 
 
 def study_goal() -> str:
@@ -704,6 +718,8 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-goal": study_goal,
                                           "study-sgd-screens": study_sgd_screens,
                                           "study-ef-screens": study_ef_screens,
+                                          "study-horizon-screens": study_horizon_screens,
+                                          "study-sgd-twin-screens": study_sgd_twin_screens,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

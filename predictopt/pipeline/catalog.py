@@ -29,6 +29,7 @@ from .transforms import (
     BasisRotation,
     DelayCompensation,
     DelayScaledLR,
+    DelayScaledMomentum,
     DiscrepancyCorrection,
     ErrorFeedback,
     NesterovMomentum,
@@ -216,8 +217,8 @@ BASIS_ROTATION = register_method(Method(
     source="Jung, Shin & Lee, Mitigating Staleness in Asynchronous Pipeline Parallelism via "
            "Basis Rotation, ICML 2026 (arXiv 2602.03515; code: LOG-postech/basis-rotation)"))
 
-# Candidates of this project (see the study): delay-scaled learning rate with Nesterov-style
-# momentum, with and without prediction.
+# Candidates of this project (see the study): delay-scaled learning rate and momentum horizon,
+# Nesterov-style or quasi-hyperbolic momentum, with and without prediction.
 register_method(Method(
     "pipedream-dl", transforms=(DelayScaledLR(),),
     summary="weight stashing, learning rate / (1 + delay)", source="this project"))
@@ -256,6 +257,18 @@ register_method(Method(
     source="this project, after Stich & Karimireddy, The Error-Feedback Framework, 2020 (not "
            "Zmushko et al.'s algorithm, which was not available)"))
 
+register_method(Method(
+    "pipeoptim-dm", forward="predicted", transforms=(DelayScaledMomentum(strict=False),),
+    summary="predicted forward weights; the momentum horizon times (1 + delay) at the same "
+            "effective step", source="this project"))
+
+register_method(Method(
+    "pipeoptim-qh-dm-dl", forward="predicted",
+    transforms=(DelayScaledMomentum(strict=False), QuasiHyperbolicMomentum(0.5, strict=False),
+                DelayScaledLR()),
+    summary="pipeoptim-qh-dl with the momentum horizon times (1 + delay) at the same "
+            "effective step (the default)", source="this project"))
+
 # Staleness-free twins of the candidates (what their transforms do without any delay; the lr
 # factors are those of 1F1B's delays), for the study's comparison.
 register_method(Method(
@@ -277,3 +290,8 @@ register_method(Method(
     transforms=(QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR(delays="1f1b")),
     summary="staleness-free twin of qh-dl (same update rule and per-stage learning rates, no "
             "pipeline)", source="this project"))
+register_method(Method(
+    "sequential-qh-dm-dl", staleness_free=True,
+    transforms=(DelayScaledMomentum(delays="1f1b", strict=False),
+                QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR(delays="1f1b")),
+    summary="staleness-free twin of pipeoptim-qh-dm-dl", source="this project"))

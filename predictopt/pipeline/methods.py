@@ -69,7 +69,7 @@ __all__ = [
 #: The method used when none is given (``PipelineSimulator``, ``PredictiveStage``, the
 #: Lightning strategy, ``predictopt compare``): the one the study (docs/study.md) found closest
 #: to staleness-free training on the transformer yardstick.
-DEFAULT_METHOD = "pipeoptim-qh-dl"
+DEFAULT_METHOD = "pipeoptim-qh-dm-dl"
 
 FORWARD_SOURCES = ("current", "previous", "predicted")
 BACKWARD_SOURCES = ("forward", "current")
@@ -206,6 +206,7 @@ class StageTransform:
     * :meth:`lr_scale` before every update and every prediction: a factor on every group's
       learning rate, applied only for the duration of the update (schedulers and checkpoints
       keep seeing the user's learning rate) and used for the predicted weights too;
+      :meth:`group_values` likewise for other hyper-parameters (a momentum coefficient);
     * :meth:`before_step` and :meth:`after_step` around the optimizer step of every update,
       before the gradients are cleared.
 
@@ -230,6 +231,15 @@ class StageTransform:
     def lr_scale(self, ctx: StageContext, updates: int) -> float:
         """Factor on the learning rate of the update after ``updates`` updates."""
         return 1.0
+
+    def group_values(self, ctx: StageContext, optimizer: Optimizer
+                     ) -> list[dict[str, Any]] | None:
+        """Hyper-parameters to set in the groups of ``optimizer`` (the stage optimizer, or one
+        part of a :class:`~predictopt.combined.CombinedOptimizer`) for the duration of every
+        update and every prediction, like :meth:`lr_scale`: one dict per group, computed from
+        the group's current values (what the user or a scheduler set, which the groups keep
+        outside that window), or ``None`` for none."""
+        return None
 
     def scales_lr_of(self, optimizer: Optimizer) -> bool:
         """Whether :meth:`lr_scale` applies to the groups of ``optimizer`` (the stage optimizer,

@@ -120,6 +120,7 @@ _ = catalog  # the built-in methods are registered on import
 _BASE_CORRECT = StageTransform.correct_gradients
 _BASE_AFTER = StageTransform.after_step
 _BASE_BEFORE = StageTransform.before_step
+_BASE_VALUES = StageTransform.group_values
 
 #: The built-in methods that run on torch's pipeline schedules (and ``sequential``), by name.
 METHODS: tuple[str, ...] = tuple(
@@ -417,6 +418,7 @@ class StageWorker:
                           if type(t).correct_gradients is not _BASE_CORRECT]
         self._after = [t for t in spec.transforms if type(t).after_step is not _BASE_AFTER]
         self._before = [t for t in spec.transforms if type(t).before_step is not _BASE_BEFORE]
+        self._valued = [t for t in spec.transforms if type(t).group_values is not _BASE_VALUES]
         self._backward_fix = [t for t in spec.transforms
                               if getattr(t, "corrects_backward_weights", False)]
         if self._backward_fix and not self._lean:
@@ -554,15 +556,39 @@ class StageWorker:
             f *= t.lr_scale(self.context, self.num_updates)
         return f
 
-    def _lr_mask(self) -> list[bool]:
-        """Per parameter group, whether the method's lr scale applies to it (a transform may
-        leave some optimizers at their rate: :meth:`StageTransform.scales_lr_of`)."""
+    def _parts(self) -> tuple[Optimizer, ...]:
+        """The stage optimizer, or the parts of a CombinedOptimizer (groups in their order)."""
         from ..combined import CombinedOptimizer
 
         inner = self.optimizer.optimizer
-        parts = inner.optimizers if isinstance(inner, CombinedOptimizer) else (inner,)
+        return inner.optimizers if isinstance(inner, CombinedOptimizer) else (inner,)
+
+    def _lr_mask(self) -> list[bool]:
+        """Per parameter group, whether the method's lr scale applies to it (a transform may
+        leave some optimizers at their rate: :meth:`StageTransform.scales_lr_of`)."""
         return [all(t.scales_lr_of(part) for t in self.spec.transforms)
-                for part in parts for _ in part.param_groups]
+                for part in self._parts() for _ in part.param_groups]
+
+    @contextlib.contextmanager
+    def _group_values(self) -> Any:
+        """Set the transforms' :meth:`StageTransform.group_values` for the duration of an update
+        or a prediction; afterwards each entry gets its value back unless something (a
+        scheduler hooked to the step) set it meanwhile."""
+        changes: list[tuple[dict[str, Any], str, Any, Any]] = []
+        if self._valued:
+            for part in self._parts():
+                for t in self._valued:
+                    values = t.group_values(self.context, part)
+                    for g, d in zip(part.param_groups, values or ()):
+                        for key, v in d.items():
+                            changes.append((g, key, g[key], v))
+                            g[key] = v
+        try:
+            yield
+        finally:
+            for g, key, old, new in reversed(changes):
+                if g[key] is new:
+                    g[key] = old
 
     def _future_lrs(self, h: int, scale: float) -> list[list[float]] | None:
         if scale == 1.0:
@@ -619,8 +645,9 @@ class StageWorker:
         h = self.horizons[mb]
         ws = self.workspace
         if h > 0:
-            pred = predict(self.optimizer, h, rule=self.rule,
-                           lrs=self._future_lrs(h, self.lr_scale()), workspace=ws)
+            with self._group_values():
+                pred = predict(self.optimizer, h, rule=self.rule,
+                               lrs=self._future_lrs(h, self.lr_scale()), workspace=ws)
             vals = [pred[p] for p in ps]
             if s > 0:  # unpredicted parameters come back as aliases: stash them
                 alias = [i for i, (v, p) in enumerate(zip(vals, ps))
@@ -869,16 +896,17 @@ class StageWorker:
         for g, lr in zip(groups, scaled):
             g["lr"] = lr  # a new object: a Tensor lr of the user is not written to
         try:
-            if self._before:
-                ctx = self._update_context()
-                for t in self._before:
-                    t.before_step(self.context, ctx)
-            made = self._steps_made
-            self.optimizer.step()
-            if self._after and self._steps_made != made:
-                ctx = self._update_context()
-                for t in self._after:
-                    t.after_step(self.context, ctx)
+            with self._group_values():
+                if self._before:
+                    ctx = self._update_context()
+                    for t in self._before:
+                        t.before_step(self.context, ctx)
+                made = self._steps_made
+                self.optimizer.step()
+                if self._after and self._steps_made != made:
+                    ctx = self._update_context()
+                    for t in self._after:
+                        t.after_step(self.context, ctx)
         finally:
             changed = False
             for g, lr, mine in zip(groups, saved, scaled):

@@ -21,6 +21,9 @@ group dicts as the one they replace, so an LR scheduler created for the user's o
 setting the learning rate the converted one uses.
 * :class:`AdaptiveMomentum` (Ajanthan et al., 2025, ``--adaptive_momentum``): the first-moment
   coefficient $\beta_1 + D(\beta^\star - \beta_1)/K$.
+* :class:`DelayScaledMomentum` (this project): the momentum horizon $1/(1 - \mu)$ times
+  $(1 + D)$ at the same effective step (Adam's $\beta_1$; momentum SGD's $\mu$ with the
+  dampening that keeps $b$'s steady state; Muon's only on request).
 * :class:`QuasiHyperbolicMomentum` (Ma & Yarats, 2019, applied per stage): the update mixes the
   fresh gradient into the momentum direction, $\nu\,\hat m + (1 - \nu)\,g$ (Adam family,
   normalised by $\sqrt{\hat v} + \epsilon$) or $\nu\,b + (1 - \nu)\,g / (1 - \mu)$ (momentum
@@ -61,6 +64,7 @@ __all__ = [
     "BasisRotation",
     "DelayCompensation",
     "DelayScaledLR",
+    "DelayScaledMomentum",
     "DiscrepancyCorrection",
     "ErrorFeedback",
     "NesterovMomentum",
@@ -241,8 +245,9 @@ class BasisRotation(StageTransform):
 
 class AdaptiveMomentum(StageTransform):
     r"""More momentum for staler stages (Ajanthan et al.'s ``--adaptive_momentum``): the first
-    beta of Adam-family groups becomes $\beta_1 + D (\beta^\star - \beta_1) / K$ ($K$ stages),
-    set once when the worker is built (the checkpoint stores it).
+    beta of Adam-family groups becomes $\beta_1 + D (\beta^\star - \beta_1) / K$ ($K$ stages)
+    for the duration of every update and prediction (:meth:`StageTransform.group_values`; the
+    groups, what schedulers set and checkpoints store, keep the user's $\beta_1$).
 
     Args:
         target: $\beta^\star$ (0.99 in the authors' code).
@@ -259,12 +264,140 @@ class AdaptiveMomentum(StageTransform):
             if "betas" not in g:
                 raise ValueError(f"AdaptiveMomentum changes the first beta of Adam-family "
                                  f"optimizers; got {type(optimizer).__name__}")
-        if len(optimizer.state):  # set when the optimizer was fresh; a resumed stage keeps it
-            return optimizer
-        for g in optimizer.param_groups:
-            b1, b2 = g["betas"]
-            g["betas"] = (b1 + ctx.delay * (self.target - b1) / ctx.num_stages, b2)
         return optimizer
+
+    def group_values(self, ctx: StageContext, optimizer: Optimizer
+                     ) -> list[dict[str, Any]] | None:
+        if not ctx.delay or not all("betas" in g for g in optimizer.param_groups):
+            return None
+        out = []
+        for g in optimizer.param_groups:
+            b1 = float(g["betas"][0])
+            out.append({"betas": (b1 + ctx.delay * (self.target - b1) / ctx.num_stages,
+                                  g["betas"][1])})
+        return out
+
+
+class DelayScaledMomentum(StageTransform):
+    r"""A momentum horizon that grows with the stage's delay, at the same effective step.
+
+    The momentum coefficient $\mu$ of every group becomes $\mu_D$ with
+    $1 - \mu_D = (1 - \mu) / (c + D)^{p}$ (the horizon $1/(1 - \mu)$ multiplied by
+    $(c + D)^p$) for the duration of every update and every prediction, as
+    :class:`DelayScaledLR` scales the learning rate
+    (:meth:`~predictopt.pipeline.methods.StageTransform.group_values`): the groups, what
+    schedulers set and checkpoints store, keep the user's values, and a scheduler that sets
+    the momentum (``OneCycleLR`` with ``cycle_momentum``) gets its value scaled in the same
+    way.
+
+    * Adam family (``betas``): $\beta_1 \to \mu_D$; the update $\hat m/(\sqrt{\hat v}+\epsilon)$
+      is an average, so its size does not change.
+    * Momentum SGD (torch's $b \leftarrow \mu b + (1 - \tau) g$, $w \leftarrow w - \eta b$):
+      $\mu \to \mu_D$ and the dampening $\tau \to 1 - (1 - \tau)(1 - \mu_D)/(1 - \mu)$, so the
+      steady-state buffer $(1 - \tau) g / (1 - \mu)$, the effective step, and the learning rate
+      are those of the user's optimizer.
+    * Muon (``torch.optim.Muon``, $b \leftarrow \mu b + (1 - \mu) g$, orthogonalised): only
+      with ``muon=True`` (see below), $\mu \to \mu_D$.
+
+    Why: a gradient $D$ updates old drives a feedback loop that a slowly turning momentum
+    tolerates, provided the forward runs on weights predicted along that momentum (which then
+    barely changes over the $D$ updates the prediction spans). In the delayed linear model of
+    :mod:`predictopt.analysis` with prediction, the stable range at delay $D$ widens by a
+    factor that grows with $D$; without prediction more momentum buys nothing (the stability
+    table of the study page). Ajanthan et al. (2025) train with more momentum for
+    the same reason; this transform ties the horizon to the delay instead of to a fixed target.
+
+    Args:
+        power: $p \ge 0$ (0: the optimizer as it is).
+        offset: $c \ge 1$ (1: an undelayed stage keeps its momentum).
+        delays: ``"observed"`` or ``"1f1b"``, as in :class:`DelayScaledLR` (the latter for a
+            staleness-free twin).
+        strict: Raise when a part of the optimizer is none of those above (RMSprop, Adagrad,
+            Nesterov SGD...); with ``strict=False`` such a part is left as it is (a warning
+            names it). SGD without momentum is always left as it is, silently.
+        muon: Scale the momentum of ``torch.optim.Muon`` parts too. Default ``False``: Muon
+            keeps its momentum (in a trial run of the study's 8-stage Muon setting the longer
+            horizon on Muon's own parts cost far more than the delay it should mitigate).
+    """
+
+    def __init__(self, power: float = 1.0, offset: float = 1.0, delays: str = "observed", *,
+                 strict: bool = True, muon: bool = False) -> None:
+        if not isinstance(muon, bool):
+            raise TypeError(f"muon must be a bool, got {muon!r}")
+        self.muon = muon
+        self.power = _number(power, "power")
+        self.offset = _number(offset, "offset", low=1.0)
+        if delays not in ("observed", "1f1b"):
+            raise ValueError(f"delays must be 'observed' or '1f1b', got {delays!r}")
+        self.delays = delays
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {strict!r}")
+        self.strict = strict
+
+    def factor(self, ctx: StageContext) -> float:
+        """$(c + D)^{-p}$: the factor on $1 - \\mu$ at this stage."""
+        return (self.offset + _delay_of(ctx, self.delays)) ** (-self.power)
+
+    @staticmethod
+    def _kind(part: Optimizer) -> str | None:
+        muon = getattr(torch.optim, "Muon", None)
+        if muon is not None and isinstance(part, muon):
+            return "muon"
+        groups = part.param_groups
+        if all("betas" in g for g in groups):
+            return "adam"
+        if isinstance(part, torch.optim.SGD):
+            if all(not g.get("momentum", 0) for g in groups):
+                return "keep"  # no momentum: nothing to scale, silently (as QH)
+            if all(g.get("momentum", 0) and not g.get("nesterov") for g in groups):
+                return "sgd"
+        return None
+
+    def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        _delay_of(ctx, self.delays)  # checks what the delays need
+        parts = QuasiHyperbolicMomentum._parts(optimizer)
+        kinds = [self._kind(p) for p in parts]
+        if None in kinds:
+            msg = (f"DelayScaledMomentum scales the momentum of Adam-family optimizers, "
+                   f"momentum SGD (without nesterov) and Muon, also as parts of a "
+                   f"CombinedOptimizer; got {type(optimizer).__name__}")
+            if self.strict:
+                raise ValueError(msg)
+            warnings.warn(f"{msg} on stage {ctx.stage}: that part keeps its momentum",
+                          stacklevel=2)
+        return optimizer
+
+    def group_values(self, ctx: StageContext, optimizer: Optimizer
+                     ) -> list[dict[str, Any]] | None:
+        kind = self._kind(optimizer)
+        f = self.factor(ctx)
+        if f == 1.0 or kind in (None, "keep") or (kind == "muon" and not self.muon):
+            return None
+        out: list[dict[str, Any]] = []
+        for g in optimizer.param_groups:
+            if kind == "adam":
+                out.append({"betas": (1.0 - (1.0 - float(g["betas"][0])) * f, g["betas"][1])})
+            elif kind == "muon":
+                out.append({"momentum": 1.0 - (1.0 - float(g["momentum"])) * f})
+            else:
+                tau = float(g.get("dampening", 0.0) or 0.0)
+                out.append({"momentum": 1.0 - (1.0 - float(g["momentum"])) * f,
+                            "dampening": 1.0 - (1.0 - tau) * f})
+        return out
+
+
+def _delay_of(ctx: StageContext, delays: str) -> int:
+    """The stage's delay: observed, or that of 1F1B (``K - 1 - k``) for a staleness-free twin.
+
+    Raises:
+        ValueError: ``"1f1b"`` without the stage index or the number of stages.
+    """
+    if delays == "observed":
+        return ctx.delay
+    if ctx.stage is None or ctx.num_stages is None:
+        raise ValueError("delays='1f1b' needs the stage index and the number of stages "
+                         "(StageWorker(stage=..., num_stages=...))")
+    return ctx.num_stages - 1 - ctx.stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,9 +447,7 @@ class DelayScaledLR(StageTransform):
         self.anneal_updates = anneal_updates
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
-        if self.delays == "1f1b" and (ctx.stage is None or ctx.num_stages is None):
-            raise ValueError("DelayScaledLR(delays='1f1b') needs the stage index and the number "
-                             "of stages (StageWorker(stage=..., num_stages=...))")
+        _delay_of(ctx, self.delays)  # checks what the delays need
         return optimizer
 
     def scales_lr_of(self, optimizer: Optimizer) -> bool:
@@ -324,9 +455,7 @@ class DelayScaledLR(StageTransform):
         return self.muon or muon is None or not isinstance(optimizer, muon)
 
     def lr_scale(self, ctx: StageContext, updates: int) -> float:
-        delay = ctx.delay if self.delays == "observed" else \
-            ctx.num_stages - 1 - ctx.stage  # type: ignore[operator]
-        base = max(self.offset + delay, 1.0)
+        base = max(self.offset + _delay_of(ctx, self.delays), 1.0)
         r = 1.0 if self.anneal_updates is None else 1.0 - min(updates / self.anneal_updates, 1.0)
         return base ** (-self.power * r)
 
@@ -340,10 +469,11 @@ class QuasiHyperbolicMomentum(StageTransform):
     r"""Mix the fresh gradient into the momentum direction: the update of a stage becomes
     $\eta\,[\nu\,\hat m + (1 - \nu)\,\tilde g] / (\sqrt{\hat v} + \epsilon)$ for Adam and AdamW
     ($\tilde g$: the gradient, plus the L2 term for Adam, sign-flipped under ``maximize``) and
-    $\eta\,[\nu\,b + (1 - \nu)\,\tilde g / (1 - \mu)]$ for momentum SGD (torch's buffer
-    $b \leftarrow \mu b + \tilde g$), with $\nu = 1$ the optimizer as it is. Applied after the
+    $\eta\,[\nu\,b + (1 - \nu)\,c\,\tilde g]$ for momentum SGD (torch's buffer
+    $b \leftarrow \mu b + (1 - \tau)\tilde g$, $c = (1 - \tau)/(1 - \mu)$ its steady-state
+    ratio to the gradient), with $\nu = 1$ the optimizer as it is. Applied after the
     optimizer's own step as $w \leftarrow w - \eta (1 - \nu) (\tilde g - \hat m) /
-    (\sqrt{\hat v} + \epsilon)$, resp. $w - \eta (1 - \nu)(\tilde g / (1 - \mu) - b)$: one
+    (\sqrt{\hat v} + \epsilon)$, resp. $w - \eta (1 - \nu)(c\,\tilde g - b)$: one
     more pass over the weights, with ``_foreach`` kernels over runs of at most 32 MiB of
     parameters (the temporaries stay bounded). The L2 term of Adam and SGD is taken at the
     weights after the step (the step's own is at the weights before it, which are gone).
@@ -373,8 +503,7 @@ class QuasiHyperbolicMomentum(StageTransform):
         if isinstance(part, torch.optim.SGD):
             if all(not g.get("momentum", 0) for g in part.param_groups):
                 return "keep"  # no momentum: the formula is SGD's own update
-            if all(g.get("momentum", 0) and not g.get("nesterov") and not g.get("dampening", 0)
-                   for g in part.param_groups):
+            if all(g.get("momentum", 0) and not g.get("nesterov") for g in part.param_groups):
                 return "sgd"
         muon = getattr(torch.optim, "Muon", None)
         if muon is not None and isinstance(part, muon):
@@ -391,7 +520,7 @@ class QuasiHyperbolicMomentum(StageTransform):
         kinds = [self._kind(p) for p in self._parts(optimizer)]
         if None in kinds:
             msg = (f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD (without "
-                   f"nesterov or dampening), also as parts of a CombinedOptimizer beside Muon; "
+                   f"nesterov), also as parts of a CombinedOptimizer beside Muon; "
                    f"got {type(optimizer).__name__}")
             if self.strict:
                 raise ValueError(f"{msg}: {optimizer!r}")
@@ -469,17 +598,18 @@ class QuasiHyperbolicMomentum(StageTransform):
     def _sgd(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
              wd: float) -> None:
         mu = float(group["momentum"])
+        keep = 1.0 - float(group.get("dampening", 0.0) or 0.0)  # b's steady state: g keep/(1-mu)
         items = [(p, p.grad, opt.state[p]["momentum_buffer"]) for p in group["params"]
                  if p.grad is not None and not p.grad.is_sparse
                  and opt.state.get(p, {}).get("momentum_buffer") is not None]
         by: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
         for it in items:
             by.setdefault((it[0].device, it[0].dtype), []).append(it)
-        for bucket in by.values():  # in place: p (1 + a wd/(1-mu)) + a g/(1-mu) - a b
+        for bucket in by.values():  # in place: p (1 + a wd c) + a g c - a b, c = keep/(1-mu)
             ps, gs, bs = (list(x) for x in zip(*bucket))
             if wd:
-                torch._foreach_mul_(ps, 1.0 + alpha * wd / (1.0 - mu))
-            torch._foreach_add_(ps, gs, alpha=alpha * sign / (1.0 - mu))
+                torch._foreach_mul_(ps, 1.0 + alpha * wd * keep / (1.0 - mu))
+            torch._foreach_add_(ps, gs, alpha=alpha * sign * keep / (1.0 - mu))
             torch._foreach_add_(ps, bs, alpha=-alpha)
 
 
