@@ -398,6 +398,36 @@ def test_delay_scaled_momentum_in_the_pipeline_is_the_per_stage_optimizer(make, 
                 fresh.get("momentum"), fresh.get("dampening"), fresh.get("betas"))
 
 
+def test_delay_scaled_momentum_is_set_for_each_update_from_the_current_groups():
+    """The step sees 1 - (1 - mu) / (1 + D) of the group's current mu (what a scheduler set),
+    the group keeps mu outside the update, and a failed update leaves it as it was."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    opt.register_step_pre_hook(
+        lambda o, *_: seen.append((o.param_groups[0]["momentum"], o.param_groups[0]["dampening"])))
+    w = StageWorker(m, opt, method="pipeoptim-dm", staleness=[0, 1])  # D = 1
+    x = torch.randn(4, 3)
+    for mu in (0.9, 0.8):  # the second as a scheduler with cycle_momentum would set it
+        opt.param_groups[0]["momentum"] = mu
+        o0, o1 = w.forward(0, x), w.forward(1, x)
+        w.backward(0, grad_output=torch.ones_like(o0))
+        w.backward(1, grad_output=torch.ones_like(o1))
+        assert opt.param_groups[0]["momentum"] == mu and opt.param_groups[0]["dampening"] == 0
+    assert [pytest.approx(v) for v in seen] == [(0.95, 0.5)] * 2 + [(0.9, 0.5)] * 2
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    handle = opt.register_step_pre_hook(boom)
+    o0 = w.forward(0, x)
+    with pytest.raises(RuntimeError, match="boom"):
+        w.backward(0, grad_output=torch.ones_like(o0))
+    assert opt.param_groups[0]["momentum"] == 0.8 and opt.param_groups[0]["dampening"] == 0
+    handle.remove()
+
+
 def test_delay_scaled_momentum_errors_name_the_argument():
     p = torch.nn.Parameter(torch.ones(2))
     for bad, name in (({"power": -1.0}, "power"), ({"offset": 0.5}, "offset"),

@@ -575,15 +575,14 @@ class StageWorker:
         or a prediction; afterwards each entry gets its value back unless something (a
         scheduler hooked to the step) set it meanwhile."""
         changes: list[tuple[dict[str, Any], str, Any, Any]] = []
-        if self._valued:
-            for part in self._parts():
+        try:
+            for part in self._parts() if self._valued else ():
                 for t in self._valued:
                     values = t.group_values(self.context, part)
                     for g, d in zip(part.param_groups, values or ()):
                         for key, v in d.items():
                             changes.append((g, key, g[key], v))
                             g[key] = v
-        try:
             yield
         finally:
             for g, key, old, new in reversed(changes):
