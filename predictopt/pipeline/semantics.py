@@ -104,6 +104,7 @@ from .methods import (
     available_methods,
     get_method,
 )
+from .transforms import _parts as optimizer_parts
 
 __all__ = [
     "LEAN_METHODS",
@@ -558,10 +559,7 @@ class StageWorker:
 
     def _parts(self) -> tuple[Optimizer, ...]:
         """The stage optimizer, or the parts of a CombinedOptimizer (groups in their order)."""
-        from ..combined import CombinedOptimizer
-
-        inner = self.optimizer.optimizer
-        return inner.optimizers if isinstance(inner, CombinedOptimizer) else (inner,)
+        return optimizer_parts(self.optimizer.optimizer)
 
     def _lr_mask(self) -> list[bool]:
         """Per parameter group, whether the method's lr scale applies to it (a transform may

@@ -74,6 +74,13 @@ __all__ = [
 ]
 
 
+def _parts(optimizer: Optimizer) -> tuple[Optimizer, ...]:
+    """The optimizer, or the parts of a :class:`~predictopt.combined.CombinedOptimizer`."""
+    from ..combined import CombinedOptimizer
+
+    return optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else (optimizer,)
+
+
 def _number(value: Any, name: str, *, low: float = 0.0, high: float = math.inf,
             low_open: bool = False, high_open: bool = False) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -327,9 +334,7 @@ class DelayScaledMomentum(StageTransform):
         self.muon = muon
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset", low=1.0)
-        if delays not in ("observed", "1f1b"):
-            raise ValueError(f"delays must be 'observed' or '1f1b', got {delays!r}")
-        self.delays = delays
+        self.delays = _delays(delays)
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
@@ -355,7 +360,7 @@ class DelayScaledMomentum(StageTransform):
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
         _delay_of(ctx, self.delays)  # checks what the delays need
-        parts = QuasiHyperbolicMomentum._parts(optimizer)
+        parts = _parts(optimizer)
         kinds = [self._kind(p) for p in parts]
         if None in kinds:
             msg = (f"DelayScaledMomentum scales the momentum of Adam-family optimizers, "
@@ -384,6 +389,13 @@ class DelayScaledMomentum(StageTransform):
                 out.append({"momentum": 1.0 - (1.0 - float(g["momentum"])) * f,
                             "dampening": 1.0 - (1.0 - tau) * f})
         return out
+
+
+def _delays(delays: Any) -> str:
+    """Check a transform's ``delays`` argument."""
+    if delays not in ("observed", "1f1b"):
+        raise ValueError(f"delays must be 'observed' or '1f1b', got {delays!r}")
+    return delays
 
 
 def _delay_of(ctx: StageContext, delays: str) -> int:
@@ -437,9 +449,7 @@ class DelayScaledLR(StageTransform):
         self.muon = muon
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset")
-        if delays not in ("observed", "1f1b"):
-            raise ValueError(f"delays must be 'observed' or '1f1b', got {delays!r}")
-        self.delays = delays
+        self.delays = _delays(delays)
         if anneal_updates is not None and (isinstance(anneal_updates, bool) or not isinstance(
                 anneal_updates, int) or anneal_updates < 1):
             raise ValueError(f"anneal_updates must be None or an int >= 1, got "
@@ -510,14 +520,9 @@ class QuasiHyperbolicMomentum(StageTransform):
             return "keep"  # Muon: Nesterov momentum already, orthogonalised; left as it is
         return None
 
-    @staticmethod
-    def _parts(optimizer: Optimizer) -> tuple[Optimizer, ...]:
-        from ..combined import CombinedOptimizer
-
-        return optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else (optimizer,)
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
-        kinds = [self._kind(p) for p in self._parts(optimizer)]
+        kinds = [self._kind(p) for p in _parts(optimizer)]
         if None in kinds:
             msg = (f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD (without "
                    f"nesterov), also as parts of a CombinedOptimizer beside Muon; "
@@ -536,7 +541,7 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
-        for opt in self._parts(update.optimizer):
+        for opt in _parts(update.optimizer):
             kind = self._kind(opt)
             if kind not in ("adam", "sgd"):
                 continue
