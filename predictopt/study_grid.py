@@ -34,8 +34,8 @@ DECIDING_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh
                                      "sequential-qh-dl", "pipeoptim-qh-dl", "nesterov-dl",
                                      "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl")
 #: The methods at 4 and 16 stages first: the reference, the baseline, the candidates.
-SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "qh-dl", "pipeoptim-qh-dl",
-                                  "pipeoptim-qh-dm-dl")
+SCALE_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "qh-dl",
+                                  "pipeoptim-qh-dl", "pipeoptim-qh-dm-dl")
 #: Basis rotation with prediction and its twin, at 4 and 16 stages (AdamW only).
 ROTATION_METHODS: tuple[str, ...] = ("sequential", "pipeoptim-basis-rotation-dl",
                                      "sequential-basis-rotation-dl")

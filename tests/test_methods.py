@@ -350,10 +350,16 @@ def test_delay_scaled_momentum_muon_parts_and_undelayed_stages():
                                   torch.optim.AdamW([m.bias], lr=0.01)])
         t = DelayScaledMomentum()
         t.prepare(comb, ctx(4))
-        assert _dm_values(t, comb.optimizers[0], 4) is None  # Muon keeps its own
+        assert _dm_values(t, comb, 4) is None  # a stage with Muon keeps every part's momentum
+        muon_v, adam_v = _dm_values(DelayScaledMomentum(muon=True), comb, 4)
+        assert muon_v["momentum"] == pytest.approx(0.99)
+        assert adam_v["betas"][0] == pytest.approx(0.98)
+        # the parts on their own: Adam is scaled, Muon alone is left as it is by default
         assert _dm_values(t, comb.optimizers[1], 4)[0]["betas"][0] == pytest.approx(0.98)
-        assert _dm_values(DelayScaledMomentum(muon=True), comb.optimizers[0], 4)[0][
-            "momentum"] == pytest.approx(0.99)
+        assert _dm_values(t, comb.optimizers[0], 4) is None
+    sgd = torch.optim.SGD([m.weight], lr=0.1)  # no momentum: its group is left (empty dict)
+    comb = CombinedOptimizer([sgd, torch.optim.AdamW([m.bias], lr=0.01)])
+    assert _dm_values(DelayScaledMomentum(), comb, 4)[0] == {}
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     assert _dm_values(DelayScaledMomentum(), opt, 0) is None  # D = 0: the optimizer as it is
 
@@ -396,6 +402,31 @@ def test_delay_scaled_momentum_in_the_pipeline_is_the_per_stage_optimizer(make, 
             g = w.optimizer.param_groups[0]
             assert (g.get("momentum"), g.get("dampening"), g.get("betas")) == (
                 fresh.get("momentum"), fresh.get("dampening"), fresh.get("betas"))
+
+
+def _muon_adamw(params):
+    from predictopt.combined import CombinedOptimizer
+
+    params = list(params)
+    mats = [p for p in params if p.ndim == 2]
+    return CombinedOptimizer([
+        torch.optim.Muon(mats, lr=2e-2, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW([p for p in params if p.ndim != 2], lr=1e-2, weight_decay=1e-2)])
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9")
+def test_with_muon_the_default_is_pipeoptim_qh_dl_bit_for_bit(batch):
+    """A stage with Muon keeps every part's momentum: the default equals pipeoptim-qh-dl on
+    Muon + AdamW stages bit for bit, and differs from it with muon=True."""
+    x, y = batch
+    wa, la, _ = train("pipeoptim-qh-dm-dl", x, y, make=_muon_adamw, steps=4)
+    wb, lb, _ = train("pipeoptim-qh-dl", x, y, make=_muon_adamw, steps=4)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    both = Method("dm-muon-test", forward="predicted",
+                  transforms=(DelayScaledMomentum(muon=True),
+                              QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()))
+    wc, _, _ = train(both, x, y, make=_muon_adamw, steps=4)
+    assert not all(torch.equal(a, c) for a, c in zip(wa, wc))
 
 
 def test_delay_scaled_momentum_is_set_for_each_update_from_the_current_groups():

@@ -262,6 +262,38 @@ def study_sgd_twin_screens() -> str:
     return _screens(("sgd-twin",), ("sequential-qh-dl", "sequential-qh-dm-dl", "sequential"))
 
 
+def study_rate_screens() -> str:
+    """The default with a milder rate scaling (lm_screens.jsonl, group "sgd-rate")."""
+    return _screens(("sgd-rate",),
+                    ("pipeoptim-qh-dm-dl", "sequential-qh-dm-dl", "sequential"))
+
+
+def study_muon_horizon_screens() -> str:
+    """The former default's horizon on the Adam parts of Muon stages (lm_screens.jsonl, group
+    "muon-horizon"), mean over the seeds beside the same settings' study runs."""
+    import statistics
+
+    from predictopt.study import LMConfig
+
+    if not SCREENS.exists():
+        return "(no screening runs in docs/results yet)\n"
+    runs = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
+            if r.get("group") == "muon-horizon"] + list(_records())
+    cols = ("pipeoptim-qh-dm-dl-adam-parts", "pipeoptim-qh-dm-dl",
+            "sequential-qh-dm-dl-adam-parts", "sequential-qh-dm-dl", "sequential")
+    head = ("the horizon on the Adam parts", "`pipeoptim-qh-dm-dl` (now)", "twin of the former",
+            "`sequential-qh-dm-dl` (now)", "`sequential`")
+    lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
+    for stages in (4, 8, 16):
+        cells = []
+        for c in cols:
+            v = [r["final_loss"] for r in runs
+                 if r["method"] == c and LMConfig(**r["config"]) == _cfg(stages, "muon")]
+            cells.append(f"{statistics.mean(v):.3f} ({len(v)})" if v else "")
+        lines.append(f"| {stages} stages, muon | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def study_horizon_screens() -> str:
     """One-seed variants of the delay-scaled momentum horizon (lm_screens.jsonl, group
     "momentum-horizon"; ``tools/screens.py``)."""
@@ -720,6 +752,9 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-ef-screens": study_ef_screens,
                                           "study-horizon-screens": study_horizon_screens,
                                           "study-sgd-twin-screens": study_sgd_twin_screens,
+                                          "study-rate-screens": study_rate_screens,
+                                          "study-muon-horizon-screens":
+                                              study_muon_horizon_screens,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

@@ -34,6 +34,19 @@ def variants() -> dict[str, dict[str, Any]]:
         QuasiHyperbolicMomentum,
     )
 
+    class AdamPartsHorizon(DelayScaledMomentum):
+        """The horizon on the Adam parts of a Muon stage too (the default's horizon until
+        2026-12-07; now a stage with Muon keeps every part's momentum)."""
+
+        def group_values(self, ctx, optimizer):  # type: ignore[no-untyped-def]
+            from predictopt.pipeline.transforms import _parts
+
+            out: list[dict[str, Any]] = []
+            for part in _parts(optimizer):
+                v = None if self._kind(part) == "muon" else super().group_values(ctx, part)
+                out += v or [{} for _ in part.param_groups]
+            return out
+
     qh = QuasiHyperbolicMomentum(0.5, strict=False)
     dm = DelayScaledMomentum(strict=False)
     dm_all = DelayScaledMomentum(strict=False, muon=True)
@@ -80,6 +93,33 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "sgd-twin",
             "variant": "the learning rate / (1 + D) of 1F1B's delays alone, without a pipeline",
             "runs": [(8, "sgd", 0), (8, "sgd", 1), (8, "sgd", 2)]},
+        "pipeoptim-qh-dm-dl-adam-parts": {
+            "method": Method("pipeoptim-qh-dm-dl-adam-parts", forward="predicted",
+                             transforms=(AdamPartsHorizon(strict=False), qh, DelayScaledLR())),
+            "group": "muon-horizon",
+            "variant": "`pipeoptim-qh-dm-dl` with the horizon on the Adam parts of Muon stages",
+            "runs": [(s, "muon", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "sequential-qh-dm-dl-adam-parts": {
+            "method": Method("sequential-qh-dm-dl-adam-parts", staleness_free=True,
+                             transforms=(AdamPartsHorizon(delays="1f1b", strict=False), qh,
+                                         DelayScaledLR(delays="1f1b"))),
+            "group": "muon-horizon",
+            "variant": "its staleness-free twin",
+            "runs": [(s, "muon", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "pipeoptim-qh-dm-dl0.5": {
+            "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
+                             transforms=(dm, qh, DelayScaledLR(power=0.5))),
+            "group": "sgd-rate",
+            "variant": "`pipeoptim-qh-dm-dl` with the learning rate / (1 + D)^0.5",
+            "runs": [(8, "sgd", 2), (8, "adamw", 1)]},
+        "sequential-qh-dm-dl0.5": {
+            "method": Method("sequential-qh-dm-dl0.5", staleness_free=True,
+                             transforms=(DelayScaledMomentum(delays="1f1b", strict=False), qh,
+                                         DelayScaledLR(power=0.5, delays="1f1b"))),
+            "group": "sgd-rate",
+            "variant": "staleness-free twin of `pipeoptim-qh-dm-dl` with the learning rate / "
+                       "(1 + D)^0.5",
+            "runs": [(8, "sgd", 2)]},
     }
 
 

@@ -234,11 +234,12 @@ class StageTransform:
 
     def group_values(self, ctx: StageContext, optimizer: Optimizer
                      ) -> list[dict[str, Any]] | None:
-        """Hyper-parameters to set in the groups of ``optimizer`` (the stage optimizer, or one
-        part of a :class:`~predictopt.combined.CombinedOptimizer`) for the duration of every
-        update and every prediction, like :meth:`lr_scale`: one dict per group, computed from
-        the group's current values (what the user or a scheduler set, which the groups keep
-        outside that window), or ``None`` for none."""
+        """Hyper-parameters to set in the groups of ``optimizer`` (the stage's optimizer as a
+        whole: the groups of a :class:`~predictopt.combined.CombinedOptimizer` are those of its
+        parts, in order) for the duration of every update and every prediction, like
+        :meth:`lr_scale`: one dict per group of ``optimizer.param_groups`` (empty: leave that
+        group), computed from the group's current values (what the user or a scheduler set,
+        which the groups keep outside that window), or ``None`` for none."""
         return None
 
     def scales_lr_of(self, optimizer: Optimizer) -> bool:

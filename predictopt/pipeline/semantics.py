@@ -574,13 +574,13 @@ class StageWorker:
         scheduler hooked to the step) set it meanwhile."""
         changes: list[tuple[dict[str, Any], str, Any, Any]] = []
         try:
-            for part in self._parts() if self._valued else ():
-                for t in self._valued:
-                    values = t.group_values(self.context, part)
-                    for g, d in zip(part.param_groups, values or ()):
-                        for key, v in d.items():
-                            changes.append((g, key, g[key], v))
-                            g[key] = v
+            opt = self.optimizer.optimizer
+            for t in self._valued:
+                values = t.group_values(self.context, opt)
+                for g, d in zip(opt.param_groups, values or ()):
+                    for key, v in d.items():
+                        changes.append((g, key, g[key], v))
+                        g[key] = v
             yield
         finally:
             for g, key, old, new in reversed(changes):
