@@ -189,8 +189,8 @@ def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = No
 
     Returns:
         ``{"method", "seed", "config", "curve": [[samples, loss], ...], "final_loss",
-        "steps_run", "time_s"}``; ``final_loss`` is the held-out loss after ``cfg.steps``
-        steps.
+        "steps_run", "time_s", "machine"}`` (:func:`machine`); ``final_loss`` is the held-out
+        loss after ``cfg.steps`` steps.
     """
     from .pipeline import PipelineSimulator, get_method
 
@@ -225,7 +225,25 @@ def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = No
         if progress is not None:
             progress.update(1)
     return {"method": spec.name, "seed": seed, "config": asdict(cfg), "curve": curve,
-            "final_loss": final, "steps_run": total, "time_s": time.perf_counter() - t0}
+            "final_loss": final, "steps_run": total, "time_s": time.perf_counter() - t0,
+            "machine": machine()}
+
+
+def machine() -> dict[str, str]:
+    """What a run's bits depend on besides its inputs: the CPU, the vector instruction set
+    torch's kernels use on it (reductions and matrix products round differently with AVX2 and
+    AVX-512), and the torch build. Runs are bit-identical only where these agree."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
 
 
 def iso_loss_overhead(curve: Sequence[Sequence[float]], target: float,

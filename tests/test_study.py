@@ -160,6 +160,10 @@ def test_run_lm_is_deterministic_and_reference_trains_fewer_steps():
     b = run_lm("pipedream", cfg, 0)
     assert a["steps_run"] == 3 and a["curve"] == b["curve"]
     assert a["final_loss"] == a["curve"][2][1]
+    # what the bits depend on is recorded with the run
+    assert a["machine"] == {"cpu": a["machine"]["cpu"],
+                            "capability": torch.backends.cpu.get_cpu_capability(),
+                            "torch": torch.__version__} and a["machine"]["cpu"]
 
 
 # ------------------------------------------------------------------ the command

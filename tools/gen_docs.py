@@ -340,6 +340,36 @@ def study_goal() -> str:
     return ("\n".join(lines) + "\n") if n else "(no runs of the default method yet)\n"
 
 
+#: Issue 10's measurements (held-out loss, 2 seeds, an earlier build of this setting):
+#: (stages, optimizer) -> (sequential, pipedream, pipeoptim).
+ISSUE_ANCHORS: dict[tuple[int, str], tuple[float, float, float]] = {
+    (4, "adamw"): (1.930, 2.174, 2.090), (8, "adamw"): (1.971, 2.357, 2.305),
+    (4, "sgd"): (2.177, 2.222, 2.197), (8, "sgd"): (2.172, 2.304, 2.293)}
+
+
+def study_anchors() -> str:
+    """The default and pipeoptim against issue 10's measurements of pipeoptim: the gap to
+    sequential and the share of pipedream's gap closed."""
+    from predictopt.pipeline.methods import DEFAULT_METHOD
+    from predictopt.study import aggregate
+
+    def cell(m: float, ref: float, pd: float) -> str:
+        return f"{m - ref:+.3f} / {(pd - m) / (pd - ref):.0%}".replace("%", " %")
+
+    lines = ["| setting | issue 10's `pipeoptim` | `pipeoptim` here | "
+             f"`{DEFAULT_METHOD}` here |", "|---|---:|---:|---:|"]
+    for (stages, opt), (ref, pd, po) in ISSUE_ANCHORS.items():
+        s = aggregate(_records(), _cfg(stages, opt),
+                      ["sequential", "pipedream", "pipeoptim", DEFAULT_METHOD], SEEDS)
+        if len(s) < 4:
+            continue
+        r, d = s["sequential"].final_mean, s["pipedream"].final_mean
+        lines.append(f"| {stages} stages, {opt} | {cell(po, ref, pd)} | "
+                     f"{cell(s['pipeoptim'].final_mean, r, d)} | "
+                     f"{cell(s[DEFAULT_METHOD].final_mean, r, d)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _machine(m: dict) -> str:
     return (f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
             f"{m.get('torch', '?')}, {m.get('date', '?')}, load average "
@@ -748,6 +778,7 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "pb-results": pb_results,
                                           "study-twins": study_twins,
                                           "study-goal": study_goal,
+                                          "study-anchors": study_anchors,
                                           "study-sgd-screens": study_sgd_screens,
                                           "study-ef-screens": study_ef_screens,
                                           "study-horizon-screens": study_horizon_screens,
