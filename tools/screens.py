@@ -107,6 +107,13 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "muon-horizon",
             "variant": "its staleness-free twin",
             "runs": [(s, "muon", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "pipeoptim-qh-dm2-dl": {
+            "method": Method("pipeoptim-qh-dm2-dl", forward="predicted",
+                             transforms=(DelayScaledMomentum(power=2.0, strict=False), qh,
+                                         DelayScaledLR())),
+            "group": "momentum-horizon",
+            "variant": "`pipeoptim-qh-dm-dl` with the horizon times (1 + D)^2",
+            "runs": [(8, "sgd", 2), (8, "adamw", 1)]},
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),
