@@ -230,9 +230,10 @@ def run_lm(method: str, cfg: LMConfig, seed: int, *, reference: bool | None = No
 
 
 def machine() -> dict[str, str]:
-    """What a run's bits depend on besides its inputs: the CPU, the vector instruction set
-    torch's kernels use on it (reductions and matrix products round differently with AVX2 and
-    AVX-512), and the torch build. Runs are bit-identical only where these agree."""
+    """What a run's bits depend on besides its inputs: the CPU model and the vector instruction
+    set torch uses on it (the math libraries pick their matrix-product and reduction kernels by
+    both, and those round differently), and the torch build. Runs are bit-identical where these
+    agree."""
     import platform
 
     cpu = platform.processor() or platform.machine()

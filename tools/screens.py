@@ -7,8 +7,8 @@ description and its group (the docs generate one table per group: ``tools/gen_do
     python tools/screens.py momentum-horizon     # runs what is missing of that group
     python tools/screens.py --list               # the groups and their variants
 
-Runs are deterministic (the same numbers wherever the CPU's vector instruction set and the torch
-build agree: each record names them, ``predictopt.study.machine``) and
+Runs are deterministic (the same numbers wherever the CPU model, its vector instruction set and
+the torch build agree: each record names them, ``predictopt.study.machine``) and
 independent, two at a time by default.
 """
 
