@@ -370,14 +370,10 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
 # Reporting
 # ---------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (`predictopt.study.machine`)."""
+    from predictopt.study import machine
+
+    return machine()["cpu"]
 
 
 def machine_info(device: torch.device) -> dict[str, object]:

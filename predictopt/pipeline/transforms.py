@@ -279,11 +279,13 @@ class AdaptiveMomentum(StageTransform):
             return None
         out: list[dict[str, Any]] = []
         for part in _parts(optimizer):
-            adam = all("betas" in g for g in part.param_groups)
+            if not all("betas" in g for g in part.param_groups):
+                out += [{} for _ in part.param_groups]
+                continue
             for g in part.param_groups:
-                b1 = float(g["betas"][0]) if adam else 0.0
+                b1 = float(g["betas"][0])
                 out.append({"betas": (b1 + ctx.delay * (self.target - b1) / ctx.num_stages,
-                                      g["betas"][1])} if adam else {})
+                                      g["betas"][1])})
         return out
 
 
