@@ -44,6 +44,7 @@ __all__ = [
     "markdown_table",
     "plot_curves",
     "run_lm",
+    "machine",
     "LM_OPTIMIZERS",
     "LM_DEFAULT_LR",
 ]
