@@ -6,6 +6,11 @@ For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule)
 * ``step``: one ``optimizer.step()`` of the bare optimizer with ``foreach=True``;
 * ``fused AdamW step``: one step of ``AdamW(..., fused=True)`` on the same parameters (the
   yardstick of issue 11: predict_+restore_ should cost at most half of it on CPU);
+* ``sqrt``: ``torch.sqrt`` of that fused optimizer's second moments into one scratch buffer,
+  tensor by tensor: the one pass any Adam-style prediction needs (its denominator
+  sqrt(v)/r + eps) whatever its kernels, so a floor under an Adam rule's cost;
+* ``copy(v)``: the same moments copied into that buffer: the same bytes read and written, the
+  memory traffic alone (``sqrt`` far above it: the square root is compute-bound);
 * ``wrapped step``: ``PredictiveOptimizer(calibrate=False).step()`` (differs only for rules that
   record updates);
 * ``calibrated step``: ``step()`` of the default, calibrated wrapper (``s = 1``: one calibration
@@ -213,7 +218,8 @@ def check_equivalence(popt: PredictiveOptimizer, case: Case, steps: int) -> floa
     return worst
 
 
-VARIANTS = ["step", "fused_step", "wrapped_step", "calibrated_step", "predict", "restore", "loop"]
+VARIANTS = ["step", "fused_step", "sqrt", "copy_v", "wrapped_step", "calibrated_step", "predict",
+            "restore", "loop"]
 
 
 def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case, steps: int,
@@ -224,9 +230,22 @@ def time_case(opt: torch.optim.Optimizer, popt: PredictiveOptimizer, case: Case,
     params = [p for g in opt.param_groups for p in g["params"]]
     fused = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
     fused.step()  # its state exists before the timing
+    moments = [fused.state[p]["exp_avg_sq"] for p in params]
+    scratch = torch.empty(max(v.numel() for v in moments), device=device)
+
+    def sqrt_floor() -> None:
+        for v in moments:
+            torch.sqrt(v, out=scratch[: v.numel()].view(v.shape))
+
+    def copy_floor() -> None:
+        for v in moments:
+            scratch[: v.numel()].view(v.shape).copy_(v)
+
     calls: dict[str, Callable[[], object]] = {
         "step": opt.step,
         "fused_step": fused.step,
+        "sqrt": sqrt_floor,
+        "copy_v": copy_floor,
         "wrapped_step": popt.step,
         "calibrated_step": calibrated.step,
         "predict": lambda: popt.predict_(steps),
@@ -414,18 +433,21 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def timing_table(results: list[dict]) -> str:
-    head = ("| case | step ms | fused AdamW step ms | wrapped step ms | calibrated step ms "
+    head = ("| case | step ms | fused AdamW step ms | sqrt(v) ms | copy(v) ms | wrapped step ms "
+            "| calibrated step ms "
             "| predict_ ms | restore_ ms | predict+restore ms | (p+r) / step "
             "| (p+r) / fused AdamW step | loop ms | loop / (p+r) "
             "| page faults (k): step, p+r, loop |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 15]
     for r in results:
         m, f = r["median_ms"], r["median_minor_faults"]
         pr = m["predict_restore"]
         faults = ", ".join(f"{x / 1e3:.0f}" for x in
                            (f["step"], f["predict"] + f["restore"], f["loop"]))
         lines.append(
-            f"| {r['case']} | {m['step']:.1f} | {m['fused_step']:.1f} | {m['wrapped_step']:.1f} "
+            f"| {r['case']} | {m['step']:.1f} | {m['fused_step']:.1f} | {m['sqrt']:.1f} "
+            f"| {m['copy_v']:.1f} "
+            f"| {m['wrapped_step']:.1f} "
             f"| {m['calibrated_step']:.1f} | {m['predict']:.1f} "
             f"| {m['restore']:.1f} | {pr:.1f} | {pr / m['step']:.2f} "
             f"| {pr / m['fused_step']:.2f} | {m['loop']:.1f} "

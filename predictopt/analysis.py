@@ -8,8 +8,11 @@ $D$ updates ahead along the momentum with gain $\gamma$:
 $$
 g_t = h\,(w_{t-D} - \gamma D\, m_{t-D}), \qquad
 m_{t+1} = \beta m_t + (1-\beta)\, g_t, \qquad
-w_{t+1} = w_t - \eta\,[\nu\, m_{t+1} + (1-\nu)\, g_t].
+w_{t+1} = w_t - \eta\,[\nu\, m_{t+1} + \phi\,(1-\nu)\, g_t],
 $$
+
+with $\phi$ a factor on the fresh-gradient term alone (1 unless given: the default method's
+momentum SGD update has $\phi = 1/(1 + D)$).
 
 The system is linear in $(w_t, \dots, w_{t-D}, m_t, \dots, m_{t-D})$; it converges iff the
 spectral radius of its companion matrix is below 1. :func:`max_stable_curvature` returns the
@@ -26,7 +29,7 @@ __all__ = ["companion", "max_stable_curvature", "spectral_radius"]
 
 
 def companion(a: float, beta: float, delay: int, *, nu: float = 1.0,
-              gain: float = 0.0) -> np.ndarray:
+              gain: float = 0.0, fresh: float = 1.0) -> np.ndarray:
     """The update matrix of the state ``(w_t..w_{t-D}, m_t..m_{t-D})`` (see the module)."""
     if delay < 0:
         raise ValueError(f"delay must be >= 0, got {delay}")
@@ -41,7 +44,7 @@ def companion(a: float, beta: float, delay: int, *, nu: float = 1.0,
     m_new += (1 - beta) * g
     w_new = np.zeros(n)
     w_new[0] = 1.0
-    w_new -= nu * m_new + (1 - nu) * g
+    w_new -= nu * m_new + fresh * (1 - nu) * g
     A[0] = w_new
     A[L] = m_new
     for i in range(1, L):
@@ -56,7 +59,7 @@ def spectral_radius(a: float, beta: float, delay: int, **kw: float) -> float:
 
 
 def max_stable_curvature(beta: float, delay: int, *, nu: float = 1.0, gain: float = 0.0,
-                         high: float = 1e4, tol: float = 1e-6) -> float:
+                         fresh: float = 1.0, high: float = 1e4, tol: float = 1e-6) -> float:
     """The largest $a = \\eta h$ such that every $a' \\in (0, a]$ is stable.
 
     Scans a geometric grid for the first unstable point, then bisects between it and the last
@@ -65,11 +68,11 @@ def max_stable_curvature(beta: float, delay: int, *, nu: float = 1.0, gain: floa
     grid = np.geomspace(1e-4, high, 400)
     last = 0.0
     for a in grid:
-        if spectral_radius(a, beta, delay, nu=nu, gain=gain) >= 1 - 1e-12:
+        if spectral_radius(a, beta, delay, nu=nu, gain=gain, fresh=fresh) >= 1 - 1e-12:
             lo, hi = last, float(a)
             while hi - lo > tol * max(hi, 1e-3):
                 mid = 0.5 * (lo + hi)
-                if spectral_radius(mid, beta, delay, nu=nu, gain=gain) < 1 - 1e-12:
+                if spectral_radius(mid, beta, delay, nu=nu, gain=gain, fresh=fresh) < 1 - 1e-12:
                     lo = mid
                 else:
                     hi = mid

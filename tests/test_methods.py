@@ -392,8 +392,10 @@ def test_delay_scaled_momentum_in_the_pipeline_is_the_per_stage_optimizer(make, 
     def values(opt, d):
         return _dm_values(t, opt, d)[0] if d else {}
 
-    dl_qh = get_method("pipeoptim-qh-dl")
-    for with_dm, without in (("pipeoptim-dm", "pipeoptim"), ("pipeoptim-qh-dm-dl", dl_qh)):
+    default = get_method("pipeoptim-qh-dm-dl")
+    others = default.with_(name="default-without-dm-test", transforms=tuple(
+        x for x in default.transforms if not isinstance(x, DelayScaledMomentum)))
+    for with_dm, without in (("pipeoptim-dm", "pipeoptim"), ("pipeoptim-qh-dm-dl", others)):
         wa, la, sim = train(with_dm, x, y, make=make, steps=4)
         wb, lb, _ = train(without, x, y, make=_per_stage(make, (2, 1, 0), values), steps=4)
         assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb)), with_dm
@@ -548,6 +550,101 @@ def test_quasi_hyperbolic_momentum_for_sgd(nu, steps, seed):
     torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
     plain = torch.optim.SGD([p], lr=0.1)  # no momentum: the formula is SGD itself
     assert qh.prepare(plain, ctx()) is plain
+
+
+@props(30)
+@given(nu=st.sampled_from([0.0, 0.5, 1.0]), delay=st.integers(0, 15),
+       power=st.sampled_from([0.0, 0.5, 1.0, 2.0]), wd=st.sampled_from([0.0, 1e-2]),
+       steps=st.integers(1, 4), seed=st.integers(0, 100))
+def test_quasi_hyperbolic_sgd_fresh_power_matches_its_formula(nu, delay, power, wd, steps, seed):
+    """Momentum SGD with sgd_fresh_power = q: eta [nu b + (1 - nu) c g~ / (1 + D)^q], the L2
+    term part of g~; q = 0 is the plain transform bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    p0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    from predictopt.pipeline.methods import UpdateContext
+
+    def run(qh):
+        p = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.SGD([p], lr=0.05, momentum=0.9, weight_decay=wd)
+        qh.prepare(opt, ctx(delay))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+            qh.after_step(ctx(delay), UpdateContext(opt, [p], 0))
+        return p.detach()
+
+    got = run(QuasiHyperbolicMomentum(nu, sgd_fresh_power=power))
+    ref, b = p0.clone(), None
+    for g in grads:
+        gt = g + wd * ref  # torch's step: the L2 term at the weights before it
+        b = gt.clone() if b is None else 0.9 * b + gt
+        after = ref - 0.05 * b
+        # QH's fresh term, its L2 part at the weights after the step (those before are gone)
+        ref = ref - 0.05 * nu * b - 0.05 * (1 - nu) * (g + wd * after) / (1 - 0.9) / (
+            1 + delay) ** power
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if power == 0.0 or delay == 0:
+        assert torch.equal(got, run(QuasiHyperbolicMomentum(nu)))
+
+
+def test_quasi_hyperbolic_sgd_fresh_power_leaves_adam_and_checks_its_arguments():
+    """The fresh term's factor is momentum SGD's only (Adam's update is scaled as a whole by
+    DelayScaledLR); bad arguments are errors naming them, at construction or at prepare."""
+    from predictopt.pipeline.methods import UpdateContext
+
+    outs = []
+    for qh in (QuasiHyperbolicMomentum(0.5), QuasiHyperbolicMomentum(0.5, sgd_fresh_power=1.0)):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = torch.optim.AdamW([p], lr=0.01)
+        for _ in range(3):
+            p.grad = torch.randn(5)
+            opt.step()
+            qh.after_step(ctx(3), UpdateContext(opt, [p], 0))
+        outs.append(p.detach())
+    assert torch.equal(*outs)
+    for bad in ({"sgd_fresh_power": -1.0}, {"sgd_fresh_power": float("inf")},
+                {"sgd_fresh_power": True}, {"delays": "gpipe"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            QuasiHyperbolicMomentum(0.5, **bad)
+    twin = QuasiHyperbolicMomentum(0.5, sgd_fresh_power=1.0, delays="1f1b")
+    no_stage = StageContext(staleness=(0,), update_every=1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="1f1b"):
+        twin.prepare(opt, no_stage)
+    assert twin._fresh_factor(ctx(0, num_stages=4)) == 0.25  # stage 0 of 4 under 1F1B: D = 3
+
+
+def test_delay_scaled_lr_momentum_sgd_false_keeps_momentum_sgd_at_its_rate(batch):
+    """momentum_sgd=False: momentum SGD (not Nesterov, not plain SGD, not Adam) keeps its rate
+    in the update and in the prediction; with AdamW the default is its former composition
+    (the whole update scaled) bit for bit."""
+    p = [torch.nn.Parameter(torch.ones(2))]
+    t = DelayScaledLR(momentum_sgd=False)
+    assert not t.scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert t.scales_lr_of(torch.optim.SGD(p, lr=0.1))
+    assert t.scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True))
+    assert t.scales_lr_of(torch.optim.AdamW(p, lr=0.1))
+    assert DelayScaledLR().scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    with pytest.raises(TypeError, match="momentum_sgd"):
+        DelayScaledLR(momentum_sgd=0)
+    x, y = batch
+    former = Method("former-default-test", forward="predicted",
+                    transforms=(DelayScaledMomentum(strict=False),
+                                QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()))
+    wa, la, _ = train("pipeoptim-qh-dm-dl", x, y, steps=4)
+    wb, lb, _ = train(former, x, y, steps=4)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
+    wa, _, sim = train("pipeoptim-qh-dm-dl", x, y, make=sgd, steps=4)
+    wb, _, _ = train(former, x, y, make=sgd, steps=4)
+    assert not all(torch.equal(a, b) for a, b in zip(wa, wb))
+    first = sim.workers[0]
+    assert first.context.delay > 0 and first.lr_scale() < 1.0
+    assert first._lr_mask() == [False] * len(first.optimizer.param_groups)
+    assert first._future_lrs(2, first.lr_scale()) == [
+        [g["lr"]] * 2 for g in first.optimizer.param_groups]
 
 
 def test_quasi_hyperbolic_momentum_elsewhere_raises_or_warns():

@@ -247,6 +247,28 @@ def test_generated_docs_are_up_to_date():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_every_screen_record_has_its_definition():
+    """Each run in docs/results/lm_screens.jsonl is a variant tools/screens.py defines, with
+    that run listed (so ``python tools/screens.py --verify`` can rerun it), in its group."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screens", ROOT / "tools" / "screens.py")
+    screens = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screens)
+    defined = screens.variants()
+    lines = (ROOT / "docs" / "results" / "lm_screens.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    assert records
+    for r in records:
+        v = defined.get(r["method"])
+        assert v is not None, r["method"]
+        run = (r["config"]["stages"], r["config"]["optimizer"], r["seed"])
+        assert run in [tuple(x) for x in v["runs"]], (r["method"], run)
+        assert r.get("group", "sgd-default") == v["group"] and r["variant"] == v["variant"], (
+            r["method"])
+        assert v["method"].name == r["method"]
+
+
 def test_gaps_are_paired_by_seed():
     """A method with a seed missing is compared with the reference on the seeds both have."""
     from predictopt.study import MethodSummary

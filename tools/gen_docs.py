@@ -137,12 +137,18 @@ def stability_table() -> str:
             ("momentum 0.9, nu = 0.5", 0.9, 0.5, 0.0), ("momentum 0.99", 0.99, 1.0, 0.0),
             ("momentum 0.99, predicted forward", 0.99, 1.0, 1.0), ("no momentum", 0.0, 1.0, 0.0),
             ("momentum horizon 10 (1 + D), predicted forward", "dm", 1.0, 1.0),
-            ("momentum horizon 10 (1 + D), nu = 0.5, predicted forward", "dm", 0.5, 1.0)]
+            ("momentum horizon 10 (1 + D), nu = 0.5, predicted forward", "dm", 0.5, 1.0),
+            ("the same, the whole update / (1 + D) (the default with Adam)", "dm", 0.5, 1.0,
+             "rate"),
+            ("the same, the fresh-gradient term alone / (1 + D) (the default with momentum SGD)",
+             "dm", 0.5, 1.0, "fresh")]
     lines = ["| update | " + " | ".join(f"D = {d}" for d in delays) + " |",
              "|---|" + "---:|" * len(delays)]
-    for label, beta, nu, gain in rows:
+    for label, beta, nu, gain, *mode in rows:
+        # "rate": a scaled rate a / (1 + D) is stable up to (1 + D) times the plain limit
         vals = [max_stable_curvature(1 - 0.1 / (1 + d) if beta == "dm" else beta, d, nu=nu,
-                                     gain=gain) for d in delays]
+                                     gain=gain, fresh=1 / (1 + d) if mode == ["fresh"] else 1.0)
+                * ((1 + d) if mode == ["rate"] else 1) for d in delays]
         lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -230,7 +236,8 @@ def _screens(groups: tuple[str, ...], columns: tuple[str, ...]) -> str:
     screens = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
                if r.get("group", "sgd-default") in groups]
     ref = {(r["method"], r["seed"], json.dumps(r["config"], sort_keys=True)): r["final_loss"]
-           for r in _records()}
+           for r in [*_records(), *(json.loads(x) for x in SCREENS.read_text().splitlines()
+                                     if x.strip())]}
     lines = ["| variant | seed | held-out loss | " + " | ".join(f"`{c}`" for c in columns) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
     for r in screens:
@@ -259,18 +266,21 @@ def study_ef_screens() -> str:
 def study_sgd_twin_screens() -> str:
     """What the per-stage rates cost SGD without a pipeline (lm_screens.jsonl, group
     "sgd-twin")."""
-    return _screens(("sgd-twin",), ("sequential-qh-dl", "sequential-qh-dm-dl", "sequential"))
+    return _screens(("sgd-twin",), ("sequential-qh-dl", "sequential-qh-dm-dl-sgd-whole",
+                                    "sequential"))
 
 
 def study_rate_screens() -> str:
     """The default with a milder rate scaling (lm_screens.jsonl, group "sgd-rate")."""
     return _screens(("sgd-rate",),
-                    ("pipeoptim-qh-dm-dl", "sequential-qh-dm-dl", "sequential"))
+                    ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl",
+                     "sequential-qh-dm-dl-sgd-whole", "sequential"))
 
 
-def study_muon_horizon_screens() -> str:
-    """The former default's horizon on the Adam parts of Muon stages (lm_screens.jsonl, group
-    "muon-horizon"), mean over the seeds beside the same settings' study runs."""
+def _former_and_now(group: str, optimizer: str, cols: tuple[str, ...],
+                    head: tuple[str, ...]) -> str:
+    """Screens of ``group`` (a former form of the default, all seeds) beside the study's runs,
+    per depth: held-out loss, mean over the seeds (their number in parentheses)."""
     import statistics
 
     from predictopt.study import LMConfig
@@ -278,27 +288,52 @@ def study_muon_horizon_screens() -> str:
     if not SCREENS.exists():
         return "(no screening runs in docs/results yet)\n"
     runs = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
-            if r.get("group") == "muon-horizon"] + list(_records())
-    cols = ("pipeoptim-qh-dm-dl-adam-parts", "pipeoptim-qh-dm-dl",
-            "sequential-qh-dm-dl-adam-parts", "sequential-qh-dm-dl", "sequential")
-    head = ("the horizon on the Adam parts", "`pipeoptim-qh-dm-dl` (now)", "twin of the former",
-            "`sequential-qh-dm-dl` (now)", "`sequential`")
+            if r.get("group") == group] + list(_records())
     lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
     for stages in (4, 8, 16):
         cells = []
         for c in cols:
             v = [r["final_loss"] for r in runs
-                 if r["method"] == c and LMConfig(**r["config"]) == _cfg(stages, "muon")]
+                 if r["method"] == c and LMConfig(**r["config"]) == _cfg(stages, optimizer)]
             cells.append(f"{statistics.mean(v):.3f} ({len(v)})" if v else "")
-        lines.append(f"| {stages} stages, muon | " + " | ".join(cells) + " |")
+        lines.append(f"| {stages} stages, {optimizer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def study_muon_horizon_screens() -> str:
+    """The former default's horizon on the Adam parts of Muon stages (lm_screens.jsonl, group
+    "muon-horizon"), mean over the seeds beside the same settings' study runs."""
+    return _former_and_now(
+        "muon-horizon", "muon",
+        ("pipeoptim-qh-dm-dl-adam-parts", "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl-adam-parts",
+         "sequential-qh-dm-dl", "sequential"),
+        ("the horizon on the Adam parts", "`pipeoptim-qh-dm-dl` (now)", "twin of the former",
+         "`sequential-qh-dm-dl` (now)", "`sequential`"))
+
+
+def study_sgd_split_screens() -> str:
+    """The former default's momentum SGD update (the whole update at the scaled rate;
+    lm_screens.jsonl, group "sgd-split") beside the default of now, per depth."""
+    return _former_and_now(
+        "sgd-split", "sgd",
+        ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl-sgd-whole",
+         "sequential-qh-dm-dl", "sequential", "pipedream"),
+        ("the whole update / (1 + D) (former)", "`pipeoptim-qh-dm-dl` (now)",
+         "twin of the former", "`sequential-qh-dm-dl` (now)", "`sequential`", "`pipedream`"))
+
+
+def study_adam_split_screens() -> str:
+    """The SGD split applied to Adam (lm_screens.jsonl, group "adam-split")."""
+    return _screens(("adam-split",), ("pipeoptim-qh-dm-dl", "sequential-qh-dm-dl",
+                                      "sequential", "pipedream"))
 
 
 def study_horizon_screens() -> str:
     """One-seed variants of the delay-scaled momentum horizon (lm_screens.jsonl, group
     "momentum-horizon"; ``tools/screens.py``)."""
     return _screens(("momentum-horizon",),
-                    ("pipeoptim", "pipeoptim-qh-dl", "pipeoptim-qh-dm-dl", "sequential"))
+                    ("pipeoptim", "pipeoptim-qh-dl", "pipeoptim-qh-dm-dl-sgd-whole",
+                     "pipeoptim-qh-dm-dl", "sequential"))
 
 
 def study_goal() -> str:
@@ -652,20 +687,24 @@ def _predict_table(d: dict, name: str) -> str:
     c, r0 = d["config"], d["results"][0]
     m0 = r0["median_ms"]
     fused = "fused_step" in m0
+    sq = "sqrt" in m0
     lines = [f"`benchmarks/results/{name}` ({_machine_of(d['machine'])}; {r0['tensors']} "
              f"tensors, {r0['params'] / 1e6:.1f}M fp32 parameters, s = {c['steps']}, median of "
              f"{c['repeats']} round-robin repeats):", "",
              "| case | step ms" + (" | fused AdamW step ms" if fused else "")
+             + (" | sqrt(v) ms | copy(v) ms | sqrt(v) / fused AdamW step" if sq else "")
              + " | wrapped step ms | predict_ ms | restore_ ms | predict+restore ms "
              "| (p+r) / step" + (" | (p+r) / fused AdamW step" if fused else "")
              + " | loop ms | loop / (p+r) | peak extra in predict_ / params |",
-             "|---" + "|---:" * (9 + 2 * fused) + "|"]
+             "|---" + "|---:" * (9 + 2 * fused + 3 * sq) + "|"]
     for r in d["results"]:
         m = r["median_ms"]
         pr = m["predict_restore"]
         peak = r["memory"]["peak_extra_over_params"]
         lines.append(
             f"| {r['case']} | {m['step']:.1f}" + (f" | {m['fused_step']:.1f}" if fused else "")
+            + (f" | {m['sqrt']:.1f} | {m['copy_v']:.1f} | {m['sqrt'] / m['fused_step']:.2f}"
+               if sq else "")
             + f" | {m['wrapped_step']:.1f} | {m['predict']:.1f} | {m['restore']:.1f} | "
             f"{pr:.1f} | {pr / m['step']:.2f}"
             + (f" | {pr / m['fused_step']:.2f}" if fused else "")
@@ -786,6 +825,8 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-rate-screens": study_rate_screens,
                                           "study-muon-horizon-screens":
                                               study_muon_horizon_screens,
+                                          "study-sgd-split-screens": study_sgd_split_screens,
+                                          "study-adam-split-screens": study_adam_split_screens,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

@@ -6,6 +6,7 @@ description and its group (the docs generate one table per group: ``tools/gen_do
 
     python tools/screens.py momentum-horizon     # runs what is missing of that group
     python tools/screens.py --list               # the groups and their variants
+    python tools/screens.py --verify sgd-default # rerun recorded runs: reproduced bit for bit?
 
 Runs are deterministic (the same numbers wherever the CPU model, its vector instruction set and
 the torch build agree: each record names them, ``predictopt.study.machine``) and
@@ -30,8 +31,10 @@ def variants() -> dict[str, dict[str, Any]]:
     from predictopt.pipeline import get_method
     from predictopt.pipeline.methods import Method
     from predictopt.pipeline.transforms import (
+        DelayCompensation,
         DelayScaledLR,
         DelayScaledMomentum,
+        ErrorFeedback,
         QuasiHyperbolicMomentum,
     )
 
@@ -48,11 +51,113 @@ def variants() -> dict[str, dict[str, Any]]:
                 out += v or [{} for _ in part.param_groups]
             return out
 
+    class AdamFreshSplit(QuasiHyperbolicMomentum):
+        """Quasi-hyperbolic momentum whose fresh-gradient term alone takes the rate / (1 + D)
+        with Adam too (the library's ``sgd_fresh_power`` is momentum SGD's only): with the
+        step at the full rate, the update is eta [nu m^ + (1 - nu) g / (1 + D)] / (sqrt(v^) +
+        eps)."""
+
+        def after_step(self, ctx, update):  # type: ignore[no-untyped-def]
+            import torch
+
+            from predictopt.pipeline.transforms import _parts
+
+            r = 1.0 / (1.0 + ctx.delay)
+            with torch.no_grad():
+                for opt in _parts(update.optimizer):
+                    if self._kind(opt) != "adam":
+                        continue
+                    for group in opt.param_groups:
+                        alpha = -float(group["lr"]) * (1.0 - float(self.nu))
+                        sign = -1.0 if group.get("maximize") else 1.0
+                        wd = float(group.get("weight_decay", 0.0) or 0.0)
+                        l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
+                        b1, b2 = (float(b) for b in group["betas"])
+                        for p in group["params"]:
+                            st = opt.state.get(p)
+                            if p.grad is None or not st or "exp_avg" not in st:
+                                continue
+                            step = float(st["step"])
+                            bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+                            den = (st["exp_avg_sq"] / bc2).sqrt_().add_(float(group["eps"]))
+                            diff = p.grad * (sign * r)
+                            if l2:
+                                diff.add_(p, alpha=l2 * r)
+                            diff.add_(st["exp_avg"], alpha=-1.0 / bc1)
+                            p.addcdiv_(diff, den, value=alpha)
+
     qh = QuasiHyperbolicMomentum(0.5, strict=False)
     dm = DelayScaledMomentum(strict=False)
     dm_all = DelayScaledMomentum(strict=False, muon=True)
     group = "momentum-horizon"
-    return {
+
+    def qh_dl(name: str, nu: float, variant: str, **dl: Any) -> dict[str, Any]:
+        """A variant of ``pipeoptim-qh-dl`` on the 8-stage SGD setting (group "sgd-default")."""
+        return {"method": Method(name, forward="predicted",
+                                 transforms=(QuasiHyperbolicMomentum(nu, strict=False),
+                                             DelayScaledLR(**dl))),
+                "group": "sgd-default", "variant": variant, "runs": [(8, "sgd", 2)]}
+
+    class BestStableNu(QuasiHyperbolicMomentum):
+        """nu per stage: the value in steps of 0.05 that maximises the delayed linear model's
+        stable range at the stage's delay (momentum 0.9, predicted forward); 1 at D = 0."""
+
+        def _nu(self, group, ctx):  # type: ignore[no-untyped-def]
+            from predictopt.analysis import max_stable_curvature
+
+            if ctx.delay == 0:
+                return 1.0
+            grid = [k / 20 for k in range(21)]
+            return max(grid, key=lambda nu: max_stable_curvature(0.9, ctx.delay, nu=nu,
+                                                                 gain=1.0))
+
+    earlier = {
+        "p-qhopt-dl": {
+            "method": Method("p-qhopt-dl", forward="predicted",
+                             transforms=(BestStableNu(0.5, strict=False), DelayScaledLR())),
+            "group": "sgd-default",
+            "variant": "`pipeoptim-qh-dl` with nu per stage maximising the delayed linear "
+                       "model's stable range (`predictopt.analysis.max_stable_curvature`, nu in "
+                       "steps of 0.05; 1 at D = 0)",
+            "runs": [(8, "sgd", 2)]},
+        "p-qh25-dl": qh_dl("p-qh25-dl", 0.25,
+                           "`pipeoptim-qh-dl` with nu = 0.25 (more of the fresh gradient)"),
+        "p-qh0-dl": qh_dl("p-qh0-dl", 0.0, "`pipeoptim-qh-dl` with nu = 0 (no momentum, the "
+                                           "momentum's rate 1/(1 - mu))"),
+        "p-qh75-dl": qh_dl("p-qh75-dl", 0.75, "`pipeoptim-qh-dl` with nu = 0.75"),
+        "p-qh-dl-anneal": qh_dl(
+            "p-qh-dl-anneal", 0.5, "`pipeoptim-qh-dl` with the 1/(1 + D) factor annealed to 1 "
+            "over the run (PipeMare's warm-up, T = 1200 updates)", anneal_updates=1200),
+        "ef-b9": {
+            "method": Method("ef-b9", transforms=(ErrorFeedback(beta=0.9),)),
+            "group": "error-feedback",
+            "variant": "error feedback with the estimate smoothed, beta = 0.9 (an EMA of the "
+                       "updates)",
+            "runs": [(8, "sgd", 2), (8, "adamw", 0)]},
+        "qh-dl-ef": {
+            "method": Method("qh-dl-ef", transforms=(qh, DelayScaledLR(), ErrorFeedback(0.9))),
+            "group": "error-feedback",
+            "variant": "`pipeoptim-qh-dl`'s transforms (QH momentum, lr / (1 + D)) plus error "
+                       "feedback with beta = 0.9, forwards on the carried weights instead of "
+                       "predicted ones",
+            "runs": [(8, "sgd", 2), (8, "adamw", 0)]},
+        "qh-dl-ef0": {
+            "method": Method("qh-dl-ef0", transforms=(qh, DelayScaledLR(), ErrorFeedback())),
+            "group": "error-feedback",
+            "variant": "`pipeoptim-qh-dl`'s transforms (QH momentum, lr / (1 + D)) plus error "
+                       "feedback (beta = 0), forwards on the carried weights instead of "
+                       "predicted ones",
+            "runs": [(8, "sgd", 2)]},
+        "p-qh-dl-dc": {
+            "method": Method("p-qh-dl-dc", forward="predicted",
+                             transforms=(qh, DelayScaledLR(), DelayCompensation())),
+            "group": "corrections",
+            "variant": "`pipeoptim-qh-dl` plus DC-ASGD's delay compensation "
+                       "(`DelayCompensation()`) of the gradient for the residual between the "
+                       "predicted and the current weights",
+            "runs": [(8, "sgd", 2), (8, "adamw", 0)]},
+    }
+    return earlier | {
         "pipeoptim-dm": {
             "method": get_method("pipeoptim-dm"), "group": group,
             "variant": "predicted forwards with the momentum horizon times (1 + D) "
@@ -114,6 +219,27 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "momentum-horizon",
             "variant": "`pipeoptim-qh-dm-dl` with the horizon times (1 + D)^2",
             "runs": [(8, "sgd", 2), (8, "adamw", 1)]},
+        "pipeoptim-qh-dm-dl-sgd-whole": {
+            "method": Method("pipeoptim-qh-dm-dl-sgd-whole", forward="predicted",
+                             transforms=(dm, qh, DelayScaledLR())),
+            "group": "sgd-split",
+            "variant": "the default until 2026-12-07: momentum SGD's whole update at the rate / "
+                       "(1 + D)",
+            "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "sequential-qh-dm-dl-sgd-whole": {
+            "method": Method("sequential-qh-dm-dl-sgd-whole", staleness_free=True,
+                             transforms=(DelayScaledMomentum(delays="1f1b", strict=False), qh,
+                                         DelayScaledLR(delays="1f1b"))),
+            "group": "sgd-split",
+            "variant": "its staleness-free twin",
+            "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "pipeoptim-qh-dm-dl-adam-split": {
+            "method": Method("pipeoptim-qh-dm-dl-adam-split", forward="predicted",
+                             transforms=(dm, AdamFreshSplit(0.5, strict=False))),
+            "group": "adam-split",
+            "variant": "the default with Adam's update split as momentum SGD's: the momentum "
+                       "term at the full rate, the fresh-gradient term / (1 + D)",
+            "runs": [(8, "adamw", 1)]},
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),
@@ -144,13 +270,40 @@ def _work(job: tuple[str, int, str, int]) -> dict[str, Any]:
     return r
 
 
+def _verify(vs: dict[str, dict[str, Any]], groups: list[str], processes: int) -> int:
+    """Rerun the recorded runs of ``groups`` (all: every record) and compare their curves."""
+    records = {}
+    for line in SCREENS.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if not groups or r.get("group", "sgd-default") in groups:
+                records[(r["method"], r["config"]["stages"], r["config"]["optimizer"],
+                         r["seed"])] = r
+    jobs = [k for k in records if k[0] in vs and tuple(k[1:]) in map(tuple, vs[k[0]]["runs"])]
+    for k in records.keys() - set(jobs):
+        print(f"{k}: no definition in tools/screens.py", flush=True)
+    bad = len(records) - len(jobs)
+    with mp.get_context("spawn").Pool(max(1, processes)) as pool:
+        for k, r in zip(jobs, pool.imap(_work, jobs)):
+            same = r["curve"] == records[k]["curve"]
+            bad += not same
+            print(f"{k}: {'reproduced' if same else 'DIFFERS'} ({r['final_loss']!r} vs "
+                  f"{records[k]['final_loss']!r})", flush=True)
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("groups", nargs="*", help="groups to run (default: all)")
     ap.add_argument("--list", action="store_true", help="list the groups and variants")
     ap.add_argument("--processes", type=int, default=2, help="runs at a time (default: 2)")
+    ap.add_argument("--verify", action="store_true",
+                    help="rerun the recorded runs of the groups instead and say whether each "
+                         "reproduces its record bit for bit (writes nothing)")
     args = ap.parse_args(argv)
     vs = variants()
+    if args.verify:
+        return _verify(vs, args.groups, args.processes)
     if args.list:
         for name, v in vs.items():
             print(f"{v['group']}: {name}: {v['variant']} {v['runs']}")

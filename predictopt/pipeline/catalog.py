@@ -264,10 +264,12 @@ register_method(Method(
 
 register_method(Method(
     "pipeoptim-qh-dm-dl", forward="predicted",
-    transforms=(DelayScaledMomentum(strict=False), QuasiHyperbolicMomentum(0.5, strict=False),
-                DelayScaledLR()),
+    transforms=(DelayScaledMomentum(strict=False),
+                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0),
+                DelayScaledLR(momentum_sgd=False)),
     summary="pipeoptim-qh-dl with the momentum horizon times (1 + delay) at the same "
-            "effective step (the default)", source="this project"))
+            "effective step; with momentum SGD only the fresh-gradient term takes the rate / "
+            "(1 + delay) (the default)", source="this project"))
 
 # Staleness-free twins of the candidates (what their transforms do without any delay; the lr
 # factors are those of 1F1B's delays), for the study's comparison.
@@ -293,5 +295,6 @@ register_method(Method(
 register_method(Method(
     "sequential-qh-dm-dl", staleness_free=True,
     transforms=(DelayScaledMomentum(delays="1f1b", strict=False),
-                QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR(delays="1f1b")),
+                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0, delays="1f1b"),
+                DelayScaledLR(delays="1f1b", momentum_sgd=False)),
     summary="staleness-free twin of pipeoptim-qh-dm-dl", source="this project"))

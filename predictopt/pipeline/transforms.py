@@ -27,7 +27,8 @@ setting the learning rate the converted one uses.
 * :class:`QuasiHyperbolicMomentum` (Ma & Yarats, 2019, applied per stage): the update mixes the
   fresh gradient into the momentum direction, $\nu\,\hat m + (1 - \nu)\,g$ (Adam family,
   normalised by $\sqrt{\hat v} + \epsilon$) or $\nu\,b + (1 - \nu)\,g / (1 - \mu)$ (momentum
-  SGD), applied as a correction after the optimizer's own step.
+  SGD, whose fresh term may take its own factor $(1 + D)^{-q}$), applied as a correction after
+  the optimizer's own step.
 * :class:`DiscrepancyCorrection` (PipeMare, Yang et al., 2021): without weight stashing, the
   backward reads $w - \ell\,\delta$ instead of the current $w$, $\ell$ the updates since the
   forward and $\delta$ an EMA of the stage's recent updates, an estimate of the forward's
@@ -452,14 +453,22 @@ class DelayScaledLR(StageTransform):
             its rate: its orthogonalised update has the same norm whatever the gradient's, and
             in trial runs of the study's Muon setting the scaled rate cost more than the delay
             it compensates (with and without a pipeline).
+        momentum_sgd: Scale momentum SGD (``torch.optim.SGD`` with momentum, without
+            Nesterov, in every group) too. ``False`` leaves its rate, and so its momentum term
+            and its prediction, at the full rate: the default method then scales only the
+            fresh-gradient term of its quasi-hyperbolic update
+            (:class:`QuasiHyperbolicMomentum` with ``sgd_fresh_power=1``).
     """
 
     def __init__(self, power: float = 1.0, offset: float = 1.0,
                  anneal_updates: int | None = None, delays: str = "observed", *,
-                 muon: bool = False) -> None:
+                 muon: bool = False, momentum_sgd: bool = True) -> None:
         if not isinstance(muon, bool):
             raise TypeError(f"muon must be a bool, got {muon!r}")
+        if not isinstance(momentum_sgd, bool):
+            raise TypeError(f"momentum_sgd must be a bool, got {momentum_sgd!r}")
         self.muon = muon
+        self.momentum_sgd = momentum_sgd
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset")
         self.delays = _delays(delays)
@@ -474,6 +483,8 @@ class DelayScaledLR(StageTransform):
         return optimizer
 
     def scales_lr_of(self, optimizer: Optimizer) -> bool:
+        if not self.momentum_sgd and QuasiHyperbolicMomentum._kind(optimizer) == "sgd":
+            return False
         muon = getattr(torch.optim, "Muon", None)
         return self.muon or muon is None or not isinstance(optimizer, muon)
 
@@ -501,6 +512,13 @@ class QuasiHyperbolicMomentum(StageTransform):
     parameters (the temporaries stay bounded). The L2 term of Adam and SGD is taken at the
     weights after the step (the step's own is at the weights before it, which are gone).
 
+    With ``sgd_fresh_power`` $= q > 0$, momentum SGD's fresh-gradient term is divided by
+    $(1 + D)^q$ on top of the update's rate: $\eta\,[\nu\,b + (1 - \nu)\,c\,\tilde g /
+    (1 + D)^q]$. The default method pairs $q = 1$ with ``DelayScaledLR(momentum_sgd=False)``:
+    momentum SGD's momentum term (slow, and predicted over the delay) keeps the full rate, and
+    only the fresh gradient's immediate kick, the fast part of the delayed feedback loop,
+    takes the delayed rate (Adam's whole update is scaled instead: see docs/study.md).
+
     Args:
         nu: $\nu \in [0, 1]$; ``"delay"`` for $\nu = \beta_1^{D}$ (Spike Compensation's split:
             an undelayed stage keeps its optimizer).
@@ -509,15 +527,21 @@ class QuasiHyperbolicMomentum(StageTransform):
             ``strict=False`` such an optimizer is left as it is, with a warning. SGD without
             momentum is always left as it is, silently: it has no momentum to mix the gradient
             into, and the formula gives its own update for every $\nu$.
+        sgd_fresh_power: $q \ge 0$ (0: the fresh term at the update's rate).
+        delays: ``"observed"`` or ``"1f1b"``, the $D$ of ``sgd_fresh_power``, as in
+            :class:`DelayScaledLR`.
     """
 
-    def __init__(self, nu: float | str = 0.5, *, strict: bool = True) -> None:
+    def __init__(self, nu: float | str = 0.5, *, strict: bool = True,
+                 sgd_fresh_power: float = 0.0, delays: str = "observed") -> None:
         if nu != "delay":
             nu = _number(nu, "nu", high=1.0)
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, got {strict!r}")
         self.nu = nu
         self.strict = strict
+        self.sgd_fresh_power = _number(sgd_fresh_power, "sgd_fresh_power")
+        self.delays = _delays(delays)
 
     @staticmethod
     def _kind(part: Optimizer) -> str | None:
@@ -535,6 +559,8 @@ class QuasiHyperbolicMomentum(StageTransform):
 
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
+        if self.sgd_fresh_power:
+            _delay_of(ctx, self.delays)  # checks what the delays need
         kinds = [self._kind(p) for p in _parts(optimizer)]
         if None in kinds:
             msg = (f"quasi-hyperbolic momentum applies to Adam, AdamW and momentum SGD (without "
@@ -551,6 +577,12 @@ class QuasiHyperbolicMomentum(StageTransform):
             beta = float(group["betas"][0]) if "betas" in group else float(group["momentum"])
             return beta ** ctx.delay
         return float(self.nu)
+
+    def _fresh_factor(self, ctx: StageContext) -> float:
+        """Momentum SGD's factor on the fresh-gradient term, $(1 + D)^{-q}$."""
+        if not self.sgd_fresh_power:
+            return 1.0
+        return (1.0 + _delay_of(ctx, self.delays)) ** -self.sgd_fresh_power
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
@@ -569,7 +601,7 @@ class QuasiHyperbolicMomentum(StageTransform):
                     l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
                     self._adam(opt, group, alpha, sign, l2, update.workspace)
                 else:
-                    self._sgd(opt, group, alpha, sign, wd)
+                    self._sgd(opt, group, alpha, sign, wd, self._fresh_factor(ctx))
 
     @staticmethod
     def _adam(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
@@ -614,9 +646,10 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     @staticmethod
     def _sgd(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
-             wd: float) -> None:
+             wd: float, fresh: float = 1.0) -> None:
         mu = float(group["momentum"])
         keep = 1.0 - float(group.get("dampening", 0.0) or 0.0)  # b's steady state: g keep/(1-mu)
+        keep = keep * fresh  # the fresh term's factor (exact when 1)
         items = [(p, p.grad, opt.state[p]["momentum_buffer"]) for p in group["params"]
                  if p.grad is not None and not p.grad.is_sparse
                  and opt.state.get(p, {}).get("momentum_buffer") is not None]
