@@ -10,7 +10,7 @@ For each case (AdamW, SGD with momentum, plain SGD with the ``"observed"`` rule)
   tensor by tensor: the one pass any Adam-style prediction needs (its denominator
   sqrt(v)/r + eps) whatever its kernels, so a floor under an Adam rule's cost;
 * ``copy(v)``: the same moments copied into that buffer: the same bytes read and written, the
-  memory traffic alone (``sqrt`` far above it: the square root is compute-bound);
+  memory traffic alone (``sqrt`` above it: the square root is compute-bound here);
 * ``wrapped step``: ``PredictiveOptimizer(calibrate=False).step()`` (differs only for rules that
   record updates);
 * ``calibrated step``: ``step()`` of the default, calibrated wrapper (``s = 1``: one calibration

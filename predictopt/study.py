@@ -49,14 +49,16 @@ __all__ = [
     "LM_DEFAULT_LR",
 ]
 
-#: Optimizers of the yardstick: AdamW (weight decay 0.01), momentum SGD (0.9), and Muon
+#: Optimizers of the yardstick: AdamW (weight decay 0.01), momentum SGD (0.9), Muon
 #: (momentum 0.95, Nesterov, ``adjust_lr_fn="match_rms_adamw"``, weight decay 0.01) for the
 #: matrices of the transformer blocks with AdamW for the embeddings, the head, the biases and
-#: the norms (a :class:`~predictopt.combined.CombinedOptimizer` per stage).
-LM_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "muon")
-#: Their default learning rates (AdamW and SGD: the issue's setting; Muon's RMS-matched update
-#: takes AdamW's rate).
-LM_DEFAULT_LR: dict[str, float] = {"adamw": 3e-3, "sgd": 0.05, "muon": 3e-3}
+#: the norms (a :class:`~predictopt.combined.CombinedOptimizer` per stage), and NAdam with
+#: $\beta_1 = 0.99$ (decoupled weight decay 0.01; the optimizer of Ajanthan et al.'s code, one
+#: of issue 10's measurements).
+LM_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "muon", "nadam")
+#: Their default learning rates (AdamW, SGD and NAdam: the issue's settings; Muon's RMS-matched
+#: update takes AdamW's rate).
+LM_DEFAULT_LR: dict[str, float] = {"adamw": 3e-3, "sgd": 0.05, "muon": 3e-3, "nadam": 3e-3}
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,16 @@ class LMConfig:
 
 def make_lm_optimizer(name: str, lr: float) -> Callable[[Iterable[torch.nn.Parameter]],
                                                         torch.optim.Optimizer]:
-    """``params -> optimizer`` for the AdamW and SGD settings of :data:`LM_OPTIMIZERS` (Muon
-    needs the module: :func:`stage_optimizer`)."""
+    """``params -> optimizer`` for the AdamW, SGD and NAdam settings of :data:`LM_OPTIMIZERS`
+    (Muon needs the module: :func:`stage_optimizer`)."""
     if name == "adamw":
         return lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.01)
     if name == "sgd":
         return lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)
-    raise ValueError(f"optimizer must be one of adamw, sgd, got {name!r}")
+    if name == "nadam":
+        return lambda p: torch.optim.NAdam(p, lr=lr, betas=(0.99, 0.999), weight_decay=0.01,
+                                           decoupled_weight_decay=True)
+    raise ValueError(f"optimizer must be one of adamw, sgd, nadam, got {name!r}")
 
 
 def stage_optimizer(name: str, lr: float, module: torch.nn.Module) -> torch.optim.Optimizer:

@@ -2,12 +2,14 @@
 
 Runs every (setting, method, seed) missing from ``docs/results/lm_study.jsonl`` (two processes
 at a time by default), so it resumes where it stopped; ``tools/gen_docs.py`` then rewrites the
-tables and plots. ``--only STAGES:OPTIMIZER`` restricts it to some settings.
+tables and plots. ``--only STAGES:OPTIMIZER`` (``STAGES:OPTIMIZER@LR`` for a setting at another
+rate than the default) restricts it to some settings.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from .study import RunCache, run_grid, study_setting
@@ -56,6 +58,10 @@ PLAN: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (8, "adamw", ALL_METHODS), (8, "sgd", ALL_METHODS), (8, "muon", MUON_METHODS),
     (4, "adamw", CORE_METHODS), (4, "sgd", CORE_METHODS),
     (16, "adamw", CORE_METHODS), (16, "sgd", CORE_METHODS))
+#: Issue 10's other measurements (AdamW at a lower rate, NAdam with beta1 = 0.99): the
+#: reference, the baseline, pipeoptim and the default, run after the grid.
+ANCHOR_METHODS: tuple[str, ...] = ("sequential", "pipedream", "pipeoptim", "pipeoptim-qh-dm-dl")
+ANCHORS: tuple[tuple[int, str, float | None], ...] = ((4, "adamw", 1e-3), (8, "nadam", None))
 SEEDS: tuple[int, ...] = (0, 1, 2)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "lm_study.jsonl"
 
@@ -64,14 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=2, help="runs at a time (default: 2)")
     ap.add_argument("--only", action="append", default=None, metavar="STAGES:OPTIMIZER",
-                    help="restrict to these settings (repeatable), e.g. 8:adamw")
+                    help="restrict to these settings (repeatable), e.g. 8:adamw or 4:adamw@0.001")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the run cache (JSON lines)")
     args = ap.parse_args(argv)
     cache = RunCache(args.results)
-    for stages, opt, methods in PLAN:
-        if args.only and f"{stages}:{opt}" not in args.only:
+    plan = [(stages, opt, None, methods) for stages, opt, methods in PLAN]
+    plan += [(stages, opt, lr, ANCHOR_METHODS) for stages, opt, lr in ANCHORS]
+    for stages, opt, lr, methods in plan:
+        label = f"{stages}:{opt}" + (f"@{lr:g}" if lr is not None else "")
+        if args.only and label not in args.only:
             continue
-        run_grid([study_setting(stages, opt)], methods, SEEDS, cache,
+        run_grid([replace(study_setting(stages, opt), lr=lr)], methods, SEEDS, cache,
                  processes=args.processes)
     return 0
 

@@ -86,7 +86,9 @@ def equivalence_configs(world_size: int) -> list[dict]:
               ("pipeoptim-lean", "DualPipeV", "sgdm", None)]
     if world_size == 2:
         others += [("xpipe", "InterleavedZeroBubble", "adam", 2),
-                   ("pipedream-2bw", "GPipe", "adam", 4)]
+                   ("pipedream-2bw", "GPipe", "adam", 4),
+                   # the default with momentum SGD: the fresh term alone at the scaled rate
+                   ("pipeoptim-qh-dm-dl", "1F1B", "sgdm", None)]
         # every other registered pipeline method once, alternating a plain and a split-backward
         # schedule and the optimizers
         covered = {m for m, *_ in others} | {"pipeoptim", "pipedream"}

@@ -44,10 +44,12 @@ def _records() -> list[dict]:
     return [json.loads(line) for line in STUDY.read_text().splitlines() if line.strip()]
 
 
-def _cfg(stages: int, optimizer: str):
+def _cfg(stages: int, optimizer: str, lr: float | None = None):
+    from dataclasses import replace
+
     from predictopt.study import study_setting
 
-    return study_setting(stages, optimizer)
+    return replace(study_setting(stages, optimizer), lr=lr)
 
 
 def _methods_in(records: list[dict], cfg) -> list[str]:
@@ -245,7 +247,9 @@ def _screens(groups: tuple[str, ...], columns: tuple[str, ...]) -> str:
         cfg = LMConfig(**r["config"])
         vals = [ref.get((c, r["seed"], key)) for c in columns]
         cells = " | ".join("" if v is None else f"{v:.3f}" for v in vals)
-        lines.append(f"| {r['variant']} ({cfg.stages} stages, {cfg.optimizer}) | {r['seed']} | "
+        rate = "" if cfg.lr is None else f" {cfg.lr:g}"
+        lines.append(f"| {r['variant']} ({cfg.stages} stages, {cfg.optimizer}{rate}) | "
+                     f"{r['seed']} | "
                      f"{r['final_loss']:.3f} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -324,8 +328,8 @@ def study_sgd_split_screens() -> str:
 
 def study_adam_split_screens() -> str:
     """The SGD split applied to Adam (lm_screens.jsonl, group "adam-split")."""
-    return _screens(("adam-split",), ("pipeoptim-qh-dm-dl", "sequential-qh-dm-dl",
-                                      "sequential", "pipedream"))
+    return _screens(("adam-split",), ("pipeoptim-qh-dm-dl", "pipeoptim", "pipedream",
+                                      "sequential"))
 
 
 def study_horizon_screens() -> str:
@@ -377,9 +381,10 @@ def study_goal() -> str:
 
 #: Issue 10's measurements (held-out loss, 2 seeds, an earlier build of this setting):
 #: (stages, optimizer) -> (sequential, pipedream, pipeoptim).
-ISSUE_ANCHORS: dict[tuple[int, str], tuple[float, float, float]] = {
-    (4, "adamw"): (1.930, 2.174, 2.090), (8, "adamw"): (1.971, 2.357, 2.305),
-    (4, "sgd"): (2.177, 2.222, 2.197), (8, "sgd"): (2.172, 2.304, 2.293)}
+ISSUE_ANCHORS: dict[tuple[int, str, float | None], tuple[float, float, float]] = {
+    (4, "adamw", None): (1.930, 2.174, 2.090), (8, "adamw", None): (1.971, 2.357, 2.305),
+    (4, "adamw", 1e-3): (1.945, 2.043, 1.986), (8, "nadam", None): (1.795, 2.044, 2.044),
+    (4, "sgd", None): (2.177, 2.222, 2.197), (8, "sgd", None): (2.172, 2.304, 2.293)}
 
 
 def study_anchors() -> str:
@@ -393,13 +398,14 @@ def study_anchors() -> str:
 
     lines = ["| setting | issue 10's `pipeoptim` | `pipeoptim` here | "
              f"`{DEFAULT_METHOD}` here |", "|---|---:|---:|---:|"]
-    for (stages, opt), (ref, pd, po) in ISSUE_ANCHORS.items():
-        s = aggregate(_records(), _cfg(stages, opt),
+    for (stages, opt, lr), (ref, pd, po) in ISSUE_ANCHORS.items():
+        cfg = _cfg(stages, opt, lr)
+        s = aggregate(_records(), cfg,
                       ["sequential", "pipedream", "pipeoptim", DEFAULT_METHOD], SEEDS)
         if len(s) < 4:
             continue
         r, d = s["sequential"].final_mean, s["pipedream"].final_mean
-        lines.append(f"| {stages} stages, {opt} | {cell(po, ref, pd)} | "
+        lines.append(f"| {stages} stages, {opt} {cfg.learning_rate:g} | {cell(po, ref, pd)} | "
                      f"{cell(s['pipeoptim'].final_mean, r, d)} | "
                      f"{cell(s[DEFAULT_METHOD].final_mean, r, d)} |")
     return "\n".join(lines) + "\n"

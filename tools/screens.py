@@ -27,7 +27,8 @@ SCREENS = ROOT / "docs" / "results" / "lm_screens.jsonl"
 
 def variants() -> dict[str, dict[str, Any]]:
     """name -> {"method": Method, "variant": description, "group": group, "runs": [(stages,
-    optimizer, seed), ...]}."""
+    optimizer, seed), ...]} (``optimizer``: a name of ``predictopt.study.LM_OPTIMIZERS``, with
+    ``@LR`` for a rate other than the study's default)."""
     from predictopt.pipeline import get_method
     from predictopt.pipeline.methods import Method
     from predictopt.pipeline.transforms import (
@@ -239,7 +240,7 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "adam-split",
             "variant": "the default with Adam's update split as momentum SGD's: the momentum "
                        "term at the full rate, the fresh-gradient term / (1 + D)",
-            "runs": [(8, "adamw", 1)]},
+            "runs": [(8, "adamw", 1), (4, "adamw@0.001", 1)]},
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),
@@ -257,15 +258,30 @@ def variants() -> dict[str, dict[str, Any]]:
     }
 
 
+def _label(config: dict[str, Any]) -> str:
+    """A run's optimizer as ``runs`` name it: ``"adamw"``, or ``"adamw@0.001"`` at a rate other
+    than the study's default."""
+    lr = config.get("lr")
+    return config["optimizer"] + ("" if lr is None else f"@{lr:g}")
+
+
+def _key(r: dict[str, Any]) -> tuple[str, int, str, int]:
+    return r["method"], r["config"]["stages"], _label(r["config"]), r["seed"]
+
+
 def _work(job: tuple[str, int, str, int]) -> dict[str, Any]:
+    from dataclasses import replace
+
     import torch
 
     from predictopt.study import run_lm, study_setting
 
     torch.set_num_threads(1)
-    name, stages, opt, seed = job
+    name, stages, label, seed = job
+    opt, _, lr = label.partition("@")
     v = variants()[name]
-    r = run_lm(v["method"], study_setting(stages, opt), seed)
+    cfg = replace(study_setting(stages, opt), lr=float(lr) if lr else None)
+    r = run_lm(v["method"], cfg, seed)
     r.update(method=name, variant=v["variant"], group=v["group"])
     return r
 
@@ -277,18 +293,21 @@ def _verify(vs: dict[str, dict[str, Any]], groups: list[str], processes: int) ->
         if line.strip():
             r = json.loads(line)
             if not groups or r.get("group", "sgd-default") in groups:
-                records[(r["method"], r["config"]["stages"], r["config"]["optimizer"],
-                         r["seed"])] = r
+                records[_key(r)] = r
     jobs = [k for k in records if k[0] in vs and tuple(k[1:]) in map(tuple, vs[k[0]]["runs"])]
     for k in records.keys() - set(jobs):
         print(f"{k}: no definition in tools/screens.py", flush=True)
     bad = len(records) - len(jobs)
     with mp.get_context("spawn").Pool(max(1, processes)) as pool:
         for k, r in zip(jobs, pool.imap(_work, jobs)):
-            same = r["curve"] == records[k]["curve"]
+            old = records[k]
+            same = r["curve"] == old["curve"]
             bad += not same
-            print(f"{k}: {'reproduced' if same else 'DIFFERS'} ({r['final_loss']!r} vs "
-                  f"{records[k]['final_loss']!r})", flush=True)
+            diff = max((abs(a[1] - b[1]) for a, b in zip(r["curve"], old["curve"])), default=0.0)
+            print(f"{k}: {'reproduced' if same else 'DIFFERS'} (final {r['final_loss']!r} vs "
+                  f"{old['final_loss']!r}; curve points {len(r['curve'])} vs "
+                  f"{len(old['curve'])}, largest difference {diff:.3g}; recorded on "
+                  f"{old.get('machine') or 'a machine not named'})", flush=True)
     return 1 if bad else 0
 
 
@@ -313,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in SCREENS.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["method"], r["config"]["stages"], r["config"]["optimizer"],
-                          r["seed"]))
+                done.add(_key(r))
     jobs = [(n, s, o, e) for n, v in vs.items() if not args.groups or v["group"] in args.groups
             for s, o, e in v["runs"] if (n, s, o, e) not in done]
     print(f"{len(jobs)} runs to do", flush=True)
@@ -322,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in pool.imap_unordered(_work, jobs):
             with SCREENS.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            print(f"{r['method']} {r['config']['stages']} stages {r['config']['optimizer']} "
+            print(f"{r['method']} {r['config']['stages']} stages {_label(r['config'])} "
                   f"seed {r['seed']}: {r['final_loss']:.4f}", flush=True)
     return 0
 
