@@ -58,34 +58,8 @@ def variants() -> dict[str, dict[str, Any]]:
         step at the full rate, the update is eta [nu m^ + (1 - nu) g / (1 + D)] / (sqrt(v^) +
         eps)."""
 
-        def after_step(self, ctx, update):  # type: ignore[no-untyped-def]
-            import torch
-
-            from predictopt.pipeline.transforms import _parts
-
-            r = 1.0 / (1.0 + ctx.delay)
-            with torch.no_grad():
-                for opt in _parts(update.optimizer):
-                    if self._kind(opt) != "adam":
-                        continue
-                    for group in opt.param_groups:
-                        alpha = -float(group["lr"]) * (1.0 - float(self.nu))
-                        sign = -1.0 if group.get("maximize") else 1.0
-                        wd = float(group.get("weight_decay", 0.0) or 0.0)
-                        l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
-                        b1, b2 = (float(b) for b in group["betas"])
-                        for p in group["params"]:
-                            st = opt.state.get(p)
-                            if p.grad is None or not st or "exp_avg" not in st:
-                                continue
-                            step = float(st["step"])
-                            bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-                            den = (st["exp_avg_sq"] / bc2).sqrt_().add_(float(group["eps"]))
-                            diff = p.grad * (sign * r)
-                            if l2:
-                                diff.add_(p, alpha=l2 * r)
-                            diff.add_(st["exp_avg"], alpha=-1.0 / bc1)
-                            p.addcdiv_(diff, den, value=alpha)
+        def _fresh_factor(self, ctx, kind="sgd"):  # type: ignore[no-untyped-def]
+            return 1.0 / (1.0 + ctx.delay)
 
     qh = QuasiHyperbolicMomentum(0.5, strict=False)
     dm = DelayScaledMomentum(strict=False)

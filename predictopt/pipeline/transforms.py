@@ -578,9 +578,11 @@ class QuasiHyperbolicMomentum(StageTransform):
             return beta ** ctx.delay
         return float(self.nu)
 
-    def _fresh_factor(self, ctx: StageContext) -> float:
-        """Momentum SGD's factor on the fresh-gradient term, $(1 + D)^{-q}$."""
-        if not self.sgd_fresh_power:
+    def _fresh_factor(self, ctx: StageContext, kind: str = "sgd") -> float:
+        """The factor on the fresh-gradient term of an optimizer of ``kind`` (``"adam"`` or
+        ``"sgd"``): $(1 + D)^{-q}$ for momentum SGD, 1 for Adam (whose whole update a method
+        scales with :class:`DelayScaledLR`)."""
+        if kind != "sgd" or not self.sgd_fresh_power:
             return 1.0
         return (1.0 + _delay_of(ctx, self.delays)) ** -self.sgd_fresh_power
 
@@ -597,11 +599,12 @@ class QuasiHyperbolicMomentum(StageTransform):
                 alpha = -float(group["lr"]) * (1.0 - nu)
                 sign = -1.0 if group.get("maximize") else 1.0
                 wd = float(group.get("weight_decay", 0.0) or 0.0)
-                if kind == "adam":
+                fresh = self._fresh_factor(ctx, kind)  # 1: the bits of the plain transform
+                if kind == "adam":  # the fresh term is g~ = sign g + l2 w
                     l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
-                    self._adam(opt, group, alpha, sign, l2, update.workspace)
+                    self._adam(opt, group, alpha, sign * fresh, l2 * fresh, update.workspace)
                 else:
-                    self._sgd(opt, group, alpha, sign, wd, self._fresh_factor(ctx))
+                    self._sgd(opt, group, alpha, sign, wd, fresh)
 
     @staticmethod
     def _adam(opt: Optimizer, group: dict[str, Any], alpha: float, sign: float,
