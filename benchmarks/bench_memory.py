@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from predictopt.pipeline import LEAN_METHODS, PipelineSimulator
+from predictopt.pipeline import DEFAULT_METHOD, LEAN_METHODS, PipelineSimulator
 
 try:  # python -m benchmarks.bench_memory
     from benchmarks.bench_predict import (
@@ -94,7 +94,7 @@ except ImportError:  # python benchmarks/bench_memory.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["sequential", "gpipe", "pipedream", "pipedream-2bw", "spectrain", "xpipe", "pipeoptim",
-           "pipeoptim-lean"]
+           "pipeoptim-lean", DEFAULT_METHOD]
 ALL_METHODS = METHODS
 BASELINE = "sequential"
 MiB = 2**20

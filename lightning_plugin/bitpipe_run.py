@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .checkpoint import load_method_state, method_state, stage_part, stage_state
+from .checkpoint import (
+    load_method_state,
+    load_stage_groups,
+    method_state,
+    stage_groups,
+    stage_part,
+    stage_state,
+)
 from .comm import all_gather_objects, to_cpu
 from .contract import pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
@@ -326,7 +333,8 @@ class BitPipeRun(PipelineRun):
                       for i, st in method_state(self.runtime.copies[key],
                                                 self._index_of(key)).items()}
         return {"part": part, "previous": previous, "transforms": transforms,
-                "updates": {c: self.updates.updates[("A", c)] for c in self.local}}
+                "updates": {c: self.updates.updates[("A", c)] for c in self.local},
+                "groups": {key: stage_groups(self.optimizers[key]) for key in self.keys}}
 
     def load(self, checkpoint: Any) -> None:
         """Load both copies of this rank's chunks from one single-device state.
@@ -341,9 +349,12 @@ class BitPipeRun(PipelineRun):
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
+        groups = (extras.get("stage_groups") or {}) if extras.get("method") == self.plan.method \
+            else {}
         for key in self.keys:
             opt = self.optimizers[key]
             opt.load_state_dict(stage_state(state, opt, self._index_of(key)))
+            load_stage_groups(opt, groups.get(key))  # a copy's own (its delay is its replica's)
             for s, sd in zip(self.schedulers[key], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[key] = int(done.get(key[1], fallback))

@@ -6,26 +6,35 @@ position of their parameters in that optimizer, its param groups with the curren
 hyper-parameters. So a checkpoint moves between this strategy and a single device in both
 directions, and between schedules and methods. What only a pipeline has (updates made per
 stage, ``pipedream-2bw``'s previous weights, the state of a method's transforms such as
-DC-ASGD's mean squares or error feedback's estimate) goes under the top-level key
-:data:`CHECKPOINT_KEY`, which a single-device run ignores.
+DC-ASGD's mean squares or error feedback's estimate, and the param-group entries that belong to
+one stage: :data:`STAGE_GROUP_KEYS`) goes under the top-level key :data:`CHECKPOINT_KEY`, which a
+single-device run ignores.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
+from predictopt.optimizer import CALIBRATION_KEY
+
 from .comm import to_cpu
 from .errors import PipeOptimConfigError
 
-__all__ = ["CHECKPOINT_KEY", "assemble", "load_method_state", "method_state", "param_index",
-           "stage_part", "stage_state"]
+__all__ = ["CHECKPOINT_KEY", "STAGE_GROUP_KEYS", "assemble", "load_method_state",
+           "load_stage_groups", "method_state", "param_index", "stage_groups", "stage_part",
+           "stage_state"]
 
 #: Top-level checkpoint key of the pipeline's own state.
 CHECKPOINT_KEY = "predictopt_pipeline"
+#: Param-group entries that are a stage's own, not the single-device optimizer's: the
+#: calibration record of a calibrating method's prediction (each stage fits the horizons of
+#: its own delay). They are saved per stage under :data:`CHECKPOINT_KEY`.
+STAGE_GROUP_KEYS: tuple[str, ...] = (CALIBRATION_KEY,)
 
 
 def param_index(optimizer: Optimizer) -> dict[int, int]:
@@ -47,8 +56,25 @@ def stage_part(optimizer: Optimizer, index: Mapping[int, int]) -> dict[str, Any]
     local = [index[id(p)] for p in _local_params(optimizer)]
     return {
         "state": {local[i]: to_cpu(st) for i, st in sd["state"].items()},
-        "groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
+        "groups": [{k: v for k, v in g.items() if k != "params" and k not in STAGE_GROUP_KEYS}
+                   for g in sd["param_groups"]],
     }
+
+
+def stage_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """A stage optimizer's own param-group entries (:data:`STAGE_GROUP_KEYS`), per group."""
+    return [{k: copy.deepcopy(g[k]) for k in STAGE_GROUP_KEYS if k in g}
+            for g in optimizer.param_groups]
+
+
+def load_stage_groups(optimizer: Optimizer, saved: list[dict[str, Any]] | None) -> None:
+    """Set a stage optimizer's own param-group entries to ``saved`` (:func:`stage_groups`),
+    or drop them (``None``: the method starts them afresh)."""
+    for i, g in enumerate(optimizer.param_groups):
+        for k in STAGE_GROUP_KEYS:
+            g.pop(k, None)
+        if saved is not None and i < len(saved):
+            g.update(copy.deepcopy(saved[i]))
 
 
 def assemble(parts: list[dict[str, Any]], source: Optimizer, index: Mapping[int, int]

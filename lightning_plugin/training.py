@@ -22,8 +22,10 @@ from .checkpoint import (
     CHECKPOINT_KEY,
     assemble,
     load_method_state,
+    load_stage_groups,
     method_state,
     param_index,
+    stage_groups,
     stage_part,
     stage_state,
 )
@@ -312,8 +314,8 @@ class PipelineRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _local_state(self) -> dict[str, Any]:
-        """This rank's share of a checkpoint: ``{"part", "previous", "transforms",
-        "updates"}``."""
+        """This rank's share of a checkpoint: ``{"part", "previous", "transforms", "updates",
+        "groups"}``."""
         part: dict[int, Any] = {}
         previous: dict[int, Any] = {}
         transforms: dict[int, Any] = {}
@@ -327,7 +329,8 @@ class PipelineRun:
             if stage.worker is not None:
                 transforms.update(method_state(stage.worker, self.index))
         return {"part": part, "previous": previous, "transforms": transforms,
-                "updates": dict(self.updates.updates)}
+                "updates": dict(self.updates.updates),
+                "groups": {k: stage_groups(self.optimizers[k]) for k in self.local}}
 
     def optimizer_state(self, global_step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(single-device optimizer state, pipeline state)`` on global rank 0 (every rank
@@ -344,7 +347,8 @@ class PipelineRun:
                   "updates": {k: v for r in parts for k, v in r["updates"].items()},
                   "previous": {i: t for r in parts for i, t in r["previous"].items()} or None,
                   "transforms": {i: t for r in parts
-                                 for i, t in r["transforms"].items()} or None}
+                                 for i, t in r["transforms"].items()} or None,
+                  "stage_groups": {k: g for r in parts for k, g in r["groups"].items()}}
         return full, extras
 
     def _checkpoint_parts(self, checkpoint: Any
@@ -376,9 +380,12 @@ class PipelineRun:
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
+        groups = (extras.get("stage_groups") or {}) if extras.get("method") == self.plan.method \
+            else {}
         for k in self.local:
             self.optimizers[k].load_state_dict(
                 stage_state(state, self.optimizers[k], self.index))
+            load_stage_groups(self.optimizers[k], groups.get(k))
             for s, sd in zip(self.schedulers[k], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[k] = int(done.get(k, fallback))

@@ -680,6 +680,15 @@ def test_exact_resume_with_pipeline_state(runs) -> None:
     assert_same(r1["zbv"]["weights"], ref)
     ckpt = torch.load(r0["zbv"]["path"], weights_only=False)
     assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [8 * 8, 1]
+    # the default calibrates its prediction: each stage's record (its own horizons) is kept
+    # per stage, not in the single-device optimizer state
+    from predictopt.optimizer import CALIBRATION_KEY
+
+    own = ckpt[CHECKPOINT_KEY]["stage_groups"]
+    assert sorted(own) == [0, 1, 2, 3]
+    records = [[g.get(CALIBRATION_KEY) for g in own[k]] for k in range(4)]
+    assert records[0][0] and records[0][0]["fit"] and records[0] != records[1]
+    assert all(CALIBRATION_KEY not in g for g in ckpt["optimizer_states"][0]["param_groups"])
     ref, _, _ = simulate(num_stages=4, schedule="ZBVZeroBubble", n=8, method="pipeoptim-lean")
     assert_same(r0["lean"], ref)
     other, _, _ = simulate(num_stages=4, schedule="ZBVZeroBubble", n=8)

@@ -106,6 +106,41 @@ def test_method_fields_are_checked():
         Method("")
 
 
+def test_method_calibrate_fits_a_gain_at_each_horizon_of_the_stage(batch):
+    """calibrate=True is the user's PredictiveOptimizer(calibrate=True) fitted at the stage's
+    positive horizons, bit for bit; a stage that predicts nothing (D = 0) and a method that does
+    not predict are not calibrated; a predicate sees the stage optimizer; bad values are
+    errors naming the field."""
+    from predictopt import PredictiveOptimizer
+
+    x, y = batch
+    cal = get_method("pipeoptim").with_(name="pipeoptim-cal-test", calibrate=True)
+    wa, la, sim = train(cal, x, y, steps=4)
+    horizons = [sorted({h for h in w.horizons if h > 0}) for w in sim.workers]
+    assert horizons[0] and not horizons[-1]
+    for w, hs in zip(sim.workers, horizons):
+        assert w.optimizer.calibrate == bool(hs)
+        assert w.optimizer.calibration_horizons == (tuple(hs) if hs else None)
+    it = iter(horizons)
+
+    def wrapped(ps):
+        hs = next(it)
+        return PredictiveOptimizer(adamw(ps), steps=max(hs, default=1), calibrate=bool(hs),
+                                   calibration_horizons=tuple(hs) or None)
+
+    wb, lb, _ = train("pipeoptim", x, y, make=wrapped, steps=4)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    wc, _, _ = train("pipeoptim", x, y, steps=4)
+    assert not all(torch.equal(a, c) for a, c in zip(wa, wc))
+    seen = []
+    pred = cal.with_(calibrate=lambda opt: seen.append(type(opt)) or False)
+    wd, _, _ = train(pred, x, y, steps=4)
+    assert all(torch.equal(a, d) for a, d in zip(wc, wd)) and seen[0] is torch.optim.AdamW
+    assert not get_method("pipedream").with_(calibrate=True).calibrates(adamw([x]))
+    with pytest.raises(TypeError, match="calibrate"):
+        Method("x", forward="predicted", calibrate="yes")  # type: ignore[arg-type]
+
+
 def test_a_new_method_is_one_object(batch, monkeypatch):
     """Registering a value is all it takes: the simulator runs it by name."""
     monkeypatch.setattr(methods_mod, "_REGISTRY", dict(methods_mod._REGISTRY))
@@ -552,6 +587,21 @@ def test_quasi_hyperbolic_momentum_for_sgd(nu, steps, seed):
     assert qh.prepare(plain, ctx()) is plain
 
 
+def _run_qh(qh, make, p0, grads, delay):
+    """The weights after ``make``'s optimizer steps on ``grads``, each followed by ``qh``'s
+    correction on a stage of delay ``delay``."""
+    from predictopt.pipeline.methods import UpdateContext
+
+    p = torch.nn.Parameter(p0.clone())
+    opt = make([p])
+    qh.prepare(opt, ctx(delay))
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        qh.after_step(ctx(delay), UpdateContext(opt, [p], 0))
+    return p.detach()
+
+
 @props(30)
 @given(nu=st.sampled_from([0.0, 0.5, 1.0]), delay=st.integers(0, 15),
        power=st.sampled_from([0.0, 0.5, 1.0, 2.0]), wd=st.sampled_from([0.0, 1e-2]),
@@ -562,17 +612,9 @@ def test_quasi_hyperbolic_sgd_fresh_power_matches_its_formula(nu, delay, power, 
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(steps)]
     p0 = torch.randn(4, generator=gen, dtype=torch.float64)
-    from predictopt.pipeline.methods import UpdateContext
-
     def run(qh):
-        p = torch.nn.Parameter(p0.clone())
-        opt = torch.optim.SGD([p], lr=0.05, momentum=0.9, weight_decay=wd)
-        qh.prepare(opt, ctx(delay))
-        for g in grads:
-            p.grad = g.clone()
-            opt.step()
-            qh.after_step(ctx(delay), UpdateContext(opt, [p], 0))
-        return p.detach()
+        return _run_qh(qh, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9,
+                                                      weight_decay=wd), p0, grads, delay)
 
     got = run(QuasiHyperbolicMomentum(nu, sgd_fresh_power=power))
     ref, b = p0.clone(), None
@@ -588,63 +630,137 @@ def test_quasi_hyperbolic_sgd_fresh_power_matches_its_formula(nu, delay, power, 
         assert torch.equal(got, run(QuasiHyperbolicMomentum(nu)))
 
 
-def test_quasi_hyperbolic_sgd_fresh_power_leaves_adam_and_checks_its_arguments():
-    """The fresh term's factor is momentum SGD's only (Adam's update is scaled as a whole by
-    DelayScaledLR); bad arguments are errors naming them, at construction or at prepare."""
+@props(30)
+@given(nu=st.sampled_from([0.0, 0.5, 1.0]), delay=st.integers(0, 15),
+       power=st.sampled_from([0.0, 0.5, 1.0, 2.0]), wd=st.sampled_from([0.0, 0.1]),
+       steps=st.integers(1, 4), seed=st.integers(0, 100))
+def test_quasi_hyperbolic_adam_fresh_power_matches_its_formula(nu, delay, power, wd, steps,
+                                                              seed):
+    """AdamW with adam_fresh_power = q: eta [nu m^ + (1 - nu) g / (1 + D)^q] / (sqrt(v^) + eps)
+    after the decoupled decay; q = 0 (or D = 0) is the plain transform bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    p0 = torch.randn(6, generator=gen, dtype=torch.float64)
+    def run(qh):
+        return _run_qh(qh, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=wd), p0,
+                       grads, delay)
+
+    got = run(QuasiHyperbolicMomentum(nu, adam_fresh_power=power))
+    fresh = (1 + delay) ** -power
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for t, g in enumerate(grads, 1):
+        p = p * (1 - 0.01 * wd)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        m_hat, v_hat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+        p = p - 0.01 * (nu * m_hat + (1 - nu) * fresh * g) / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+    if power == 0.0 or delay == 0:
+        assert torch.equal(got, run(QuasiHyperbolicMomentum(nu)))
+
+
+def test_quasi_hyperbolic_fresh_powers_are_per_kind_and_check_their_arguments():
+    """sgd_fresh_power leaves Adam as it is and adam_fresh_power momentum SGD, bit for bit; bad
+    arguments are errors naming them, at construction or at prepare."""
     from predictopt.pipeline.methods import UpdateContext
 
-    outs = []
-    for qh in (QuasiHyperbolicMomentum(0.5), QuasiHyperbolicMomentum(0.5, sgd_fresh_power=1.0)):
+    def run(qh, make):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(5))
-        opt = torch.optim.AdamW([p], lr=0.01)
+        opt = make([p])
         for _ in range(3):
             p.grad = torch.randn(5)
             opt.step()
             qh.after_step(ctx(3), UpdateContext(opt, [p], 0))
-        outs.append(p.detach())
-    assert torch.equal(*outs)
+        return p.detach()
+
+    adamw_ = lambda ps: torch.optim.AdamW(ps, lr=0.01)  # noqa: E731
+    sgdm = lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)  # noqa: E731
+    plain = QuasiHyperbolicMomentum(0.5)
+    assert torch.equal(run(plain, adamw_),
+                       run(QuasiHyperbolicMomentum(0.5, sgd_fresh_power=1.0), adamw_))
+    assert torch.equal(run(plain, sgdm),
+                       run(QuasiHyperbolicMomentum(0.5, adam_fresh_power=1.0), sgdm))
+    assert not torch.equal(run(plain, adamw_),
+                           run(QuasiHyperbolicMomentum(0.5, adam_fresh_power=1.0), adamw_))
     for bad in ({"sgd_fresh_power": -1.0}, {"sgd_fresh_power": float("inf")},
-                {"sgd_fresh_power": True}, {"delays": "gpipe"}):
+                {"sgd_fresh_power": True}, {"adam_fresh_power": -0.5},
+                {"adam_fresh_power": float("nan")}, {"adam_fresh_power": "1"},
+                {"delays": "gpipe"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             QuasiHyperbolicMomentum(0.5, **bad)
-    twin = QuasiHyperbolicMomentum(0.5, sgd_fresh_power=1.0, delays="1f1b")
     no_stage = StageContext(staleness=(0,), update_every=1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="1f1b"):
-        twin.prepare(opt, no_stage)
-    assert twin._fresh_factor(ctx(0, num_stages=4)) == 0.25  # stage 0 of 4 under 1F1B: D = 3
+    for kw in ({"sgd_fresh_power": 1.0}, {"adam_fresh_power": 1.0}):
+        twin = QuasiHyperbolicMomentum(0.5, delays="1f1b", **kw)
+        with pytest.raises(ValueError, match="1f1b"):
+            twin.prepare(opt, no_stage)
+    twin = QuasiHyperbolicMomentum(0.5, adam_fresh_power=1.0, delays="1f1b")
+    assert twin._fresh_factor(ctx(0, num_stages=4), "adam") == 0.25  # stage 0 of 4: D = 3
+    assert twin._fresh_factor(ctx(0, num_stages=4), "sgd") == 1.0
 
 
-def test_delay_scaled_lr_momentum_sgd_false_keeps_momentum_sgd_at_its_rate(batch):
-    """momentum_sgd=False: momentum SGD (not Nesterov, not plain SGD, not Adam) keeps its rate
-    in the update and in the prediction; with AdamW the default is its former composition
-    (the whole update scaled) bit for bit."""
+def test_delay_scaled_lr_kind_flags_keep_those_optimizers_at_their_rate(batch):
+    """momentum_sgd=False / adam=False: momentum SGD (not Nesterov, not plain SGD) / Adam and
+    AdamW (not NAdam) keep their rate in the update and in the prediction. The default is its
+    former composition bit for bit where it did not change: with NAdam (whose whole update it
+    scales) and, without its calibration, with momentum SGD."""
     p = [torch.nn.Parameter(torch.ones(2))]
-    t = DelayScaledLR(momentum_sgd=False)
+    t = DelayScaledLR(momentum_sgd=False, adam=False)
     assert not t.scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert not t.scales_lr_of(torch.optim.AdamW(p, lr=0.1))
+    assert not t.scales_lr_of(torch.optim.Adam(p, lr=0.1))
     assert t.scales_lr_of(torch.optim.SGD(p, lr=0.1))
     assert t.scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True))
-    assert t.scales_lr_of(torch.optim.AdamW(p, lr=0.1))
-    assert DelayScaledLR().scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9))
-    with pytest.raises(TypeError, match="momentum_sgd"):
-        DelayScaledLR(momentum_sgd=0)
+    assert t.scales_lr_of(torch.optim.NAdam(p, lr=0.1))
+    assert DelayScaledLR(momentum_sgd=False).scales_lr_of(torch.optim.AdamW(p, lr=0.1))
+    assert DelayScaledLR(adam=False).scales_lr_of(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    for flag in ("momentum_sgd", "adam", "muon"):
+        with pytest.raises(TypeError, match=flag):
+            DelayScaledLR(**{flag: 0})
     x, y = batch
     former = Method("former-default-test", forward="predicted",
                     transforms=(DelayScaledMomentum(strict=False),
-                                QuasiHyperbolicMomentum(0.5, strict=False), DelayScaledLR()))
-    wa, la, _ = train("pipeoptim-qh-dm-dl", x, y, steps=4)
-    wb, lb, _ = train(former, x, y, steps=4)
-    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+                                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0),
+                                DelayScaledLR(momentum_sgd=False)))
+    uncalibrated = get_method("pipeoptim-qh-dm-dl").with_(name="uncal-test", calibrate=False)
+    nadam = lambda ps: torch.optim.NAdam(ps, lr=1e-2, momentum_decay=0.0)  # noqa: E731
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
-    wa, _, sim = train("pipeoptim-qh-dm-dl", x, y, make=sgd, steps=4)
-    wb, _, _ = train(former, x, y, make=sgd, steps=4)
-    assert not all(torch.equal(a, b) for a, b in zip(wa, wb))
-    first = sim.workers[0]
-    assert first.context.delay > 0 and first.lr_scale() < 1.0
-    assert first._lr_mask() == [False] * len(first.optimizer.param_groups)
-    assert first._future_lrs(2, first.lr_scale()) == [
-        [g["lr"]] * 2 for g in first.optimizer.param_groups]
+    with pytest.warns(UserWarning, match="quasi-hyperbolic"):
+        wa, la, _ = train("pipeoptim-qh-dm-dl", x, y, make=nadam, steps=4)
+        wb, lb, _ = train(former, x, y, make=nadam, steps=4)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    wa, la, sim = train(uncalibrated, x, y, make=sgd, steps=4)
+    wb, lb, _ = train(former, x, y, make=sgd, steps=4)
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    wc, _, _ = train("pipeoptim-qh-dm-dl", x, y, make=sgd, steps=4)
+    assert not all(torch.equal(a, c) for a, c in zip(wa, wc))  # the calibration acts
+    for make in (adamw, sgd):
+        _, _, sim = train("pipeoptim-qh-dm-dl", x, y, make=make, steps=2)
+        first = sim.workers[0]
+        assert first.context.delay > 0 and first.lr_scale() < 1.0
+        assert first._lr_mask() == [False] * len(first.optimizer.param_groups)
+        assert first._future_lrs(2, first.lr_scale()) == [
+            [g["lr"]] * 2 for g in first.optimizer.param_groups]
+
+
+def test_splits_update_and_the_default_calibrates_those_stages_only():
+    """The default splits (and calibrates the prediction of) Adam, AdamW and momentum SGD
+    stages, not NAdam, Nesterov SGD, plain SGD, RMSprop or Muon stages."""
+    from predictopt.combined import CombinedOptimizer
+    from predictopt.pipeline.catalog import splits_update
+
+    p = [torch.nn.Parameter(torch.ones(2))]
+    q = [torch.nn.Parameter(torch.ones(3, 2))]
+    yes = [torch.optim.Adam(p), torch.optim.AdamW(p), torch.optim.SGD(p, lr=0.1, momentum=0.9)]
+    no = [torch.optim.NAdam(p), torch.optim.SGD(p, lr=0.1), torch.optim.RMSprop(p),
+          torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)]
+    if hasattr(torch.optim, "Muon"):
+        no.append(CombinedOptimizer([torch.optim.Muon(q), torch.optim.AdamW(p)]))
+    default = get_method("pipeoptim-qh-dm-dl")
+    assert all(splits_update(o) and default.calibrates(o) for o in yes)
+    assert not any(splits_update(o) or default.calibrates(o) for o in no)
+    assert not get_method("sequential-qh-dm-dl").calibrates(yes[0])  # predicts nothing
 
 
 def test_quasi_hyperbolic_momentum_elsewhere_raises_or_warns():

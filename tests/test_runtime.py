@@ -87,8 +87,10 @@ def equivalence_configs(world_size: int) -> list[dict]:
     if world_size == 2:
         others += [("xpipe", "InterleavedZeroBubble", "adam", 2),
                    ("pipedream-2bw", "GPipe", "adam", 4),
-                   # the default with momentum SGD: the fresh term alone at the scaled rate
-                   ("pipeoptim-qh-dm-dl", "1F1B", "sgdm", None)]
+                   # the default with momentum SGD and with AdamW: the fresh term alone at
+                   # the scaled rate, the prediction calibrated (gains fitted per horizon)
+                   ("pipeoptim-qh-dm-dl", "1F1B", "sgdm", None),
+                   ("pipeoptim-qh-dm-dl", "InterleavedZeroBubble", "adamw", None)]
         # every other registered pipeline method once, alternating a plain and a split-backward
         # schedule and the optimizers
         covered = {m for m, *_ in others} | {"pipeoptim", "pipedream"}
@@ -296,9 +298,10 @@ def test_eval_uses_real_weights_and_does_not_train(one_rank) -> None:
 
 def test_checkpoint_resume_bit_for_bit_one_rank(one_rank) -> None:
     batches = make_batches(4, 3, seed=11)
-    # error-feedback: a method whose transforms keep state (the update estimate) in the stage
+    # error-feedback: a method whose transforms keep state (the update estimate) in the stage;
+    # the default: calibration samples in flight (in the optimizer's state and groups)
     for method, schedule in (("pipeoptim", "DualPipeV"), ("pipedream-2bw", "1F1B"),
-                             ("error-feedback", "1F1B")):
+                             ("error-feedback", "1F1B"), ("pipeoptim-qh-dm-dl", "1F1B")):
         ref_stages = _stages(schedule, method=method, opt="adamw", update_every=None)
         ref_losses = _dist.run_steps(ref_stages, make_native(ref_stages, schedule, 4), batches)
         stages = _stages(schedule, method=method, opt="adamw")

@@ -140,10 +140,12 @@ def stability_table() -> str:
             ("momentum 0.99, predicted forward", 0.99, 1.0, 1.0), ("no momentum", 0.0, 1.0, 0.0),
             ("momentum horizon 10 (1 + D), predicted forward", "dm", 1.0, 1.0),
             ("momentum horizon 10 (1 + D), nu = 0.5, predicted forward", "dm", 0.5, 1.0),
-            ("the same, the whole update / (1 + D) (the default with Adam)", "dm", 0.5, 1.0,
-             "rate"),
-            ("the same, the fresh-gradient term alone / (1 + D) (the default with momentum SGD)",
-             "dm", 0.5, 1.0, "fresh")]
+            ("the same, the whole update / (1 + D) (the former default with Adam)", "dm", 0.5,
+             1.0, "rate"),
+            ("the same, the fresh-gradient term alone / (1 + D) (the default's update with Adam "
+             "and momentum SGD)", "dm", 0.5, 1.0, "fresh"),
+            ("the same, the prediction at half its length (a calibrated gain below 1)", "dm",
+             0.5, 0.5, "fresh")]
     lines = ["| update | " + " | ".join(f"D = {d}" for d in delays) + " |",
              "|---|" + "---:|" * len(delays)]
     for label, beta, nu, gain, *mode in rows:
@@ -277,12 +279,12 @@ def study_sgd_twin_screens() -> str:
 def study_rate_screens() -> str:
     """The default with a milder rate scaling (lm_screens.jsonl, group "sgd-rate")."""
     return _screens(("sgd-rate",),
-                    ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl",
+                    ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl-adam-whole",
                      "sequential-qh-dm-dl-sgd-whole", "sequential"))
 
 
 def _former_and_now(group: str, optimizer: str, cols: tuple[str, ...],
-                    head: tuple[str, ...]) -> str:
+                    head: tuple[str, ...], also: tuple[str, ...] = ()) -> str:
     """Screens of ``group`` (a former form of the default, all seeds) beside the study's runs,
     per depth: held-out loss, mean over the seeds (their number in parentheses)."""
     import statistics
@@ -292,7 +294,7 @@ def _former_and_now(group: str, optimizer: str, cols: tuple[str, ...],
     if not SCREENS.exists():
         return "(no screening runs in docs/results yet)\n"
     runs = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
-            if r.get("group") == group] + list(_records())
+            if r.get("group") in (group, *also)] + list(_records())
     lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
     for stages in (4, 8, 16):
         cells = []
@@ -320,16 +322,56 @@ def study_sgd_split_screens() -> str:
     lm_screens.jsonl, group "sgd-split") beside the default of now, per depth."""
     return _former_and_now(
         "sgd-split", "sgd",
-        ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl-sgd-whole",
+        ("pipeoptim-qh-dm-dl-sgd-whole", "pipeoptim-qh-dm-dl-uncalibrated", "pipeoptim-qh-dm-dl",
+         "sequential-qh-dm-dl-sgd-whole", "sequential-qh-dm-dl", "sequential", "pipedream"),
+        ("the whole update / (1 + D) (first)", "the split, uncalibrated (second)",
+         "`pipeoptim-qh-dm-dl` (now)", "twin of the first", "`sequential-qh-dm-dl` (now)",
+         "`sequential`", "`pipedream`"), also=("calibration",))
+
+
+def study_adam_split_screens() -> str:
+    """The SGD split applied to Adam without the calibrated prediction (lm_screens.jsonl,
+    groups "adam-split" and "adam-depth")."""
+    return _screens(("adam-split", "adam-depth"),
+                    ("pipeoptim-qh-dm-dl-adam-whole", "pipeoptim-qh-dm-dl", "pipeoptim",
+                     "pipedream", "sequential"))
+
+
+def study_adam_whole_screens() -> str:
+    """The former default's Adam update (the whole update at the scaled rate, the prediction
+    uncalibrated; lm_screens.jsonl, group "adam-whole") beside the default of now, per
+    depth."""
+    return _former_and_now(
+        "adam-whole", "adamw",
+        ("pipeoptim-qh-dm-dl-adam-whole", "pipeoptim-qh-dm-dl", "sequential-qh-dm-dl-adam-whole",
          "sequential-qh-dm-dl", "sequential", "pipedream"),
         ("the whole update / (1 + D) (former)", "`pipeoptim-qh-dm-dl` (now)",
          "twin of the former", "`sequential-qh-dm-dl` (now)", "`sequential`", "`pipedream`"))
 
 
-def study_adam_split_screens() -> str:
-    """The SGD split applied to Adam (lm_screens.jsonl, group "adam-split")."""
-    return _screens(("adam-split",), ("pipeoptim-qh-dm-dl", "pipeoptim", "pipedream",
-                                      "sequential"))
+def study_prediction_probe() -> str:
+    """Per stage, how well the forward weights predicted the weights the gradient met
+    (docs/results/prediction_probe.jsonl, ``tools/probe_prediction.py``)."""
+    path = RESULTS / "prediction_probe.jsonl"
+    if not path.exists():
+        return "(run `python tools/probe_prediction.py` first)\n"
+    runs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    head = " | ".join(f"`{r['method']}`" for r in runs)
+    lines = [f"| stage (D) | {head} |", "|---|" + "---:|" * len(runs)]
+    stages = sorted({(s["stage"], s["delay"]) for r in runs for s in r["per_stage"]})
+    for stage, delay in stages:
+        cells = []
+        for r in runs:
+            s = next((x for x in r["per_stage"] if x["stage"] == stage), None)
+            cells.append("" if s is None else
+                         f"{s['error_ratio']:.2f} / {s['gain']:+.2f} / {s['cosine']:+.2f}")
+        lines.append(f"| {stage} ({delay}) | " + " | ".join(cells) + " |")
+    lines.append("| held-out loss | " + " | ".join(f"{r['final_loss']:.3f}" for r in runs)
+                 + " |")
+    first = runs[0]
+    return (f"{first['stages']} stages, {first['optimizer']}, seed {first['seed']}; error "
+            "ratio / gain / cosine, mean over the second half of the run:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def study_horizon_screens() -> str:
@@ -337,7 +379,7 @@ def study_horizon_screens() -> str:
     "momentum-horizon"; ``tools/screens.py``)."""
     return _screens(("momentum-horizon",),
                     ("pipeoptim", "pipeoptim-qh-dl", "pipeoptim-qh-dm-dl-sgd-whole",
-                     "pipeoptim-qh-dm-dl", "sequential"))
+                     "pipeoptim-qh-dm-dl-adam-whole", "pipeoptim-qh-dm-dl", "sequential"))
 
 
 def study_goal() -> str:
@@ -396,17 +438,24 @@ def study_anchors() -> str:
     def cell(m: float, ref: float, pd: float) -> str:
         return f"{m - ref:+.3f} / {(pd - m) / (pd - ref):.0%}".replace("%", " %")
 
-    lines = ["| setting | issue 10's `pipeoptim` | `pipeoptim` here | "
-             f"`{DEFAULT_METHOD}` here |", "|---|---:|---:|---:|"]
+    # the former default's runs where it differed (kept as screens): the whole update scaled
+    # with Adam, the prediction uncalibrated with momentum SGD; with NAdam it is the same
+    former = {"adamw": "pipeoptim-qh-dm-dl-adam-whole", "sgd": "pipeoptim-qh-dm-dl-uncalibrated"}
+    screens = ([json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip()]
+               if SCREENS.exists() else [])
+    lines = ["| setting | issue 10's `pipeoptim` | `pipeoptim` here | the former default here | "
+             f"`{DEFAULT_METHOD}` here |", "|---|---:|---:|---:|---:|"]
     for (stages, opt, lr), (ref, pd, po) in ISSUE_ANCHORS.items():
         cfg = _cfg(stages, opt, lr)
-        s = aggregate(_records(), cfg,
-                      ["sequential", "pipedream", "pipeoptim", DEFAULT_METHOD], SEEDS)
+        old = former.get(opt, DEFAULT_METHOD)
+        s = aggregate(_records() + screens, cfg,
+                      ["sequential", "pipedream", "pipeoptim", DEFAULT_METHOD, old], SEEDS)
         if len(s) < 4:
             continue
         r, d = s["sequential"].final_mean, s["pipedream"].final_mean
+        was = cell(s[old].final_mean, r, d) if old in s else ""
         lines.append(f"| {stages} stages, {opt} {cfg.learning_rate:g} | {cell(po, ref, pd)} | "
-                     f"{cell(s['pipeoptim'].final_mean, r, d)} | "
+                     f"{cell(s['pipeoptim'].final_mean, r, d)} | {was} | "
                      f"{cell(s[DEFAULT_METHOD].final_mean, r, d)} |")
     return "\n".join(lines) + "\n"
 
@@ -833,6 +882,8 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                               study_muon_horizon_screens,
                                           "study-sgd-split-screens": study_sgd_split_screens,
                                           "study-adam-split-screens": study_adam_split_screens,
+                                          "study-adam-whole-screens": study_adam_whole_screens,
+                                          "study-prediction-probe": study_prediction_probe,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,
                                           "example-lm-output": example_lm_output,

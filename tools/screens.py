@@ -61,7 +61,20 @@ def variants() -> dict[str, dict[str, Any]]:
         def _fresh_factor(self, ctx, kind="sgd"):  # type: ignore[no-untyped-def]
             return 1.0 / (1.0 + ctx.delay)
 
+    class SplitUpTo(AdamFreshSplit):
+        """The fresh-gradient term alone / (1 + D) where D <= 3, nothing here where D > 3."""
+
+        def _fresh_factor(self, ctx, kind="sgd"):  # type: ignore[no-untyped-def]
+            return 1.0 / (1.0 + ctx.delay) if ctx.delay <= 3 else 1.0
+
+    class WholeAbove(DelayScaledLR):
+        """The whole update / (1 + D) where D > 3."""
+
+        def lr_scale(self, ctx, updates):  # type: ignore[no-untyped-def]
+            return 1.0 / (1.0 + ctx.delay) if ctx.delay > 3 else 1.0
+
     qh = QuasiHyperbolicMomentum(0.5, strict=False)
+    qh_sgd_fresh = QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0)
     dm = DelayScaledMomentum(strict=False)
     dm_all = DelayScaledMomentum(strict=False, muon=True)
     group = "momentum-horizon"
@@ -212,9 +225,43 @@ def variants() -> dict[str, dict[str, Any]]:
             "method": Method("pipeoptim-qh-dm-dl-adam-split", forward="predicted",
                              transforms=(dm, AdamFreshSplit(0.5, strict=False))),
             "group": "adam-split",
-            "variant": "the default with Adam's update split as momentum SGD's: the momentum "
-                       "term at the full rate, the fresh-gradient term / (1 + D)",
-            "runs": [(8, "adamw", 1), (4, "adamw@0.001", 1)]},
+            "variant": "the former default with Adam's update split as momentum SGD's (the "
+                       "prediction uncalibrated): the momentum term at the full rate, the "
+                       "fresh-gradient term / (1 + D)",
+            "runs": [(8, "adamw", 1), (4, "adamw@0.001", 1), (4, "adamw", 1)]},
+        "pipeoptim-qh-dm-dl-split3": {
+            "method": Method("pipeoptim-qh-dm-dl-split3", forward="predicted",
+                             transforms=(dm, SplitUpTo(0.5, strict=False), WholeAbove())),
+            "group": "adam-depth",
+            "variant": "the former default with Adam's update split as momentum SGD's "
+                       "where D <= 3 (the prediction uncalibrated), the whole update / (1 + D) "
+                       "where D > 3",
+            "runs": [(8, "adamw", 1)]},
+        "pipeoptim-qh-dm-dl-adam-whole": {
+            "method": Method("pipeoptim-qh-dm-dl-adam-whole", forward="predicted",
+                             transforms=(dm, qh_sgd_fresh, DelayScaledLR(momentum_sgd=False))),
+            "group": "adam-whole",
+            "variant": "the former default with Adam: the whole update at the rate / "
+                       "(1 + D), the prediction uncalibrated",
+            "runs": [(s, "adamw", e) for s in (4, 8, 16) for e in (0, 1, 2)]
+            + [(4, "adamw@0.001", e) for e in (0, 1, 2)]},
+        "sequential-qh-dm-dl-adam-whole": {
+            "method": Method("sequential-qh-dm-dl-adam-whole", staleness_free=True,
+                             transforms=(DelayScaledMomentum(delays="1f1b", strict=False),
+                                         QuasiHyperbolicMomentum(0.5, strict=False,
+                                                                 sgd_fresh_power=1.0,
+                                                                 delays="1f1b"),
+                                         DelayScaledLR(delays="1f1b", momentum_sgd=False))),
+            "group": "adam-whole",
+            "variant": "its staleness-free twin",
+            "runs": [(s, "adamw", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        "pipeoptim-qh-dm-dl-uncalibrated": {
+            "method": get_method("pipeoptim-qh-dm-dl").with_(
+                name="pipeoptim-qh-dm-dl-uncalibrated", calibrate=False),
+            "group": "calibration",
+            "variant": "the default with its prediction uncalibrated (with momentum SGD: the "
+                       "former default)",
+            "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),

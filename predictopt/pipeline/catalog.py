@@ -38,7 +38,7 @@ from .transforms import (
     SpikeCompensation,
 )
 
-__all__ = ["FirstMomentRule"]
+__all__ = ["FirstMomentRule", "splits_update"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +262,27 @@ register_method(Method(
     summary="predicted forward weights; the momentum horizon times (1 + delay) at the same "
             "effective step", source="this project"))
 
+
+def splits_update(optimizer: Optimizer) -> bool:
+    """Whether the default method splits the update of a stage with ``optimizer``: Adam, AdamW
+    or momentum SGD (not Nesterov), not parts of a combined optimizer with Muon. Those stages
+    keep the momentum term at the full rate, so their prediction along it is calibrated (a
+    gain fitted per horizon: the full-rate momentum overshoots what the stage really moves)."""
+    from .transforms import _parts
+
+    return all(QuasiHyperbolicMomentum._kind(p) in ("adam", "sgd") for p in _parts(optimizer))
+
+
 register_method(Method(
-    "pipeoptim-qh-dm-dl", forward="predicted",
+    "pipeoptim-qh-dm-dl", forward="predicted", calibrate=splits_update,
     transforms=(DelayScaledMomentum(strict=False),
-                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0),
-                DelayScaledLR(momentum_sgd=False)),
+                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0,
+                                        adam_fresh_power=1.0),
+                DelayScaledLR(momentum_sgd=False, adam=False)),
     summary="pipeoptim-qh-dl with the momentum horizon times (1 + delay) at the same "
-            "effective step; with momentum SGD only the fresh-gradient term takes the rate / "
-            "(1 + delay) (the default)", source="this project"))
+            "effective step; with Adam, AdamW and momentum SGD only the fresh-gradient term "
+            "takes the rate / (1 + delay) and the prediction is calibrated (the default)",
+    source="this project"))
 
 # Staleness-free twins of the candidates (what their transforms do without any delay; the lr
 # factors are those of 1F1B's delays), for the study's comparison.
@@ -295,6 +308,7 @@ register_method(Method(
 register_method(Method(
     "sequential-qh-dm-dl", staleness_free=True,
     transforms=(DelayScaledMomentum(delays="1f1b", strict=False),
-                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0, delays="1f1b"),
-                DelayScaledLR(delays="1f1b", momentum_sgd=False)),
+                QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0,
+                                        adam_fresh_power=1.0, delays="1f1b"),
+                DelayScaledLR(delays="1f1b", momentum_sgd=False, adam=False)),
     summary="staleness-free twin of pipeoptim-qh-dm-dl", source="this project"))

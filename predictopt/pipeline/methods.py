@@ -22,6 +22,10 @@ A method answers, for every micro-batch ``i`` of a step at a stage whose stalene
 ``rule``
     For predicting methods, the prediction rule for a given optimizer (default: the
     optimizer's own rule).
+``calibrate``
+    For predicting methods, whether the predicted displacement is scaled by a gain fitted
+    online at each horizon the stage predicts over (the calibration of
+    :class:`~predictopt.PredictiveOptimizer`; default ``False``: the published formulas).
 ``transforms``
     Per-stage changes to the update (:class:`StageTransform`): hyper-parameters as a function
     of the stage's delay (a smaller learning rate, more momentum), a different optimizer class
@@ -242,9 +246,11 @@ class StageTransform:
         which the groups keep outside that window), or ``None`` for none."""
         return None
 
-    def scales_lr_of(self, optimizer: Optimizer) -> bool:
+    def scales_lr_of(self, optimizer: Optimizer, stage_optimizer: Optimizer | None = None
+                     ) -> bool:
         """Whether :meth:`lr_scale` applies to the groups of ``optimizer`` (the stage optimizer,
-        or one part of a :class:`~predictopt.combined.CombinedOptimizer`)."""
+        or one part of a :class:`~predictopt.combined.CombinedOptimizer`, which is then
+        ``stage_optimizer``; ``None``: the caller does not say)."""
         return True
 
     def before_step(self, ctx: StageContext, update: UpdateContext) -> None:
@@ -284,6 +290,12 @@ class Method:
         cadence: A :class:`Cadence`.
         rule: ``rule(optimizer) -> PredictionRule`` for predicting methods (default: the
             optimizer's own rule); ignored otherwise.
+        calibrate: For predicting methods, whether the prediction's displacement is scaled by
+            a gain fitted online per horizon (:class:`~predictopt.PredictiveOptimizer` with
+            ``calibrate=True``, fitted at the horizons the stage predicts over): ``True``,
+            ``False`` or ``calibrate(optimizer) -> bool`` for the stage optimizer (after the
+            transforms' :meth:`~StageTransform.prepare`). A stage optimizer the user wraps in a
+            ``PredictiveOptimizer`` keeps its own setting.
         transforms: :class:`StageTransform` objects, applied in order.
         schedules: Schedule names the method runs on (``None``: every pipeline schedule;
             ``("PB",)``: Pipelined Backpropagation only).
@@ -299,6 +311,7 @@ class Method:
     backward: str = "forward"
     cadence: Cadence = PER_MICROBATCH
     rule: Callable[[Optimizer], PredictionRule] | None = None
+    calibrate: bool | Callable[[Optimizer], bool] = False
     transforms: tuple[StageTransform, ...] = ()
     schedules: tuple[str, ...] | None = None
     staleness_free: bool = False
@@ -319,6 +332,9 @@ class Method:
             raise TypeError(f"cadence must be a Cadence, got {type(self.cadence)!r}")
         if self.rule is not None and not callable(self.rule):
             raise TypeError("rule must be None or a callable optimizer -> PredictionRule")
+        if not isinstance(self.calibrate, bool) and not callable(self.calibrate):
+            raise TypeError(f"calibrate must be a bool or a callable optimizer -> bool, got "
+                            f"{self.calibrate!r}")
         ts = tuple(self.transforms)
         if not all(isinstance(t, StageTransform) for t in ts):
             raise TypeError("transforms must be StageTransform objects")
@@ -344,6 +360,14 @@ class Method:
         if not self.predicts:
             return None
         return (self.rule or _own_rule)(optimizer)
+
+    def calibrates(self, optimizer: Optimizer) -> bool:
+        """Whether a predicting method calibrates its prediction for ``optimizer``."""
+        if not self.predicts:
+            return False
+        if isinstance(self.calibrate, bool):
+            return self.calibrate
+        return bool(self.calibrate(optimizer))
 
     def runs_on(self, schedule: str) -> bool:
         """Whether the method runs on the named schedule."""

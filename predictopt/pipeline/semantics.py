@@ -404,10 +404,13 @@ class StageWorker:
             else:
                 rule_obj = spec.prediction_rule(prepared)
             steps = max(1, max(self.horizons)) if predicting else 0
-            # the methods keep their published formulas (calibration is a choice of the user:
-            # pass a PredictiveOptimizer(..., calibrate=True) to get it)
-            self.optimizer = PredictiveOptimizer(prepared, steps=steps, rule=rule_obj,
-                                                 calibrate=False)
+            # the published methods keep their formulas (calibrate=False); a method that
+            # calibrates fits a gain at each horizon its stage predicts over
+            fitted = tuple(sorted({h for h in self.horizons if h > 0}))
+            calibrate = bool(fitted) and spec.calibrates(prepared)
+            self.optimizer = PredictiveOptimizer(
+                prepared, steps=steps, rule=rule_obj, calibrate=calibrate,
+                calibration_horizons=fitted if calibrate else None)
         self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
         self.module = module
         self.param_names: list[str] = [pname for pname, _ in named]
@@ -564,7 +567,8 @@ class StageWorker:
     def _lr_mask(self) -> list[bool]:
         """Per parameter group, whether the method's lr scale applies to it (a transform may
         leave some optimizers at their rate: :meth:`StageTransform.scales_lr_of`)."""
-        return [all(t.scales_lr_of(part) for t in self.spec.transforms)
+        whole = self.optimizer.optimizer
+        return [all(t.scales_lr_of(part, whole) for t in self.spec.transforms)
                 for part in self._parts() for _ in part.param_groups]
 
     @contextlib.contextmanager

@@ -458,17 +458,23 @@ class DelayScaledLR(StageTransform):
             and its prediction, at the full rate: the default method then scales only the
             fresh-gradient term of its quasi-hyperbolic update
             (:class:`QuasiHyperbolicMomentum` with ``sgd_fresh_power=1``).
+        adam: Scale Adam and AdamW (not NAdam) too. ``False`` leaves the rate of a stage
+            optimizer that is one of them, as ``momentum_sgd=False`` does momentum SGD's: the
+            default method scales only their fresh-gradient term
+            (:class:`QuasiHyperbolicMomentum` with ``adam_fresh_power=1``). Adam parts of a
+            :class:`~predictopt.combined.CombinedOptimizer` (beside Muon) keep the scaled rate,
+            as ``adam_fresh_power`` leaves them.
     """
 
     def __init__(self, power: float = 1.0, offset: float = 1.0,
                  anneal_updates: int | None = None, delays: str = "observed", *,
-                 muon: bool = False, momentum_sgd: bool = True) -> None:
-        if not isinstance(muon, bool):
-            raise TypeError(f"muon must be a bool, got {muon!r}")
-        if not isinstance(momentum_sgd, bool):
-            raise TypeError(f"momentum_sgd must be a bool, got {momentum_sgd!r}")
+                 muon: bool = False, momentum_sgd: bool = True, adam: bool = True) -> None:
+        for flag, value in (("muon", muon), ("momentum_sgd", momentum_sgd), ("adam", adam)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
         self.muon = muon
         self.momentum_sgd = momentum_sgd
+        self.adam = adam
         self.power = _number(power, "power")
         self.offset = _number(offset, "offset")
         self.delays = _delays(delays)
@@ -482,9 +488,13 @@ class DelayScaledLR(StageTransform):
         _delay_of(ctx, self.delays)  # checks what the delays need
         return optimizer
 
-    def scales_lr_of(self, optimizer: Optimizer) -> bool:
-        if not self.momentum_sgd and QuasiHyperbolicMomentum._kind(optimizer) == "sgd":
+    def scales_lr_of(self, optimizer: Optimizer, stage_optimizer: Optimizer | None = None
+                     ) -> bool:
+        kind = QuasiHyperbolicMomentum._kind(optimizer)
+        if kind == "sgd" and not self.momentum_sgd:
             return False
+        if kind == "adam" and not self.adam and stage_optimizer in (None, optimizer):
+            return False  # an Adam stage; the Adam parts of a Muon stage keep the scaled rate
         muon = getattr(torch.optim, "Muon", None)
         return self.muon or muon is None or not isinstance(optimizer, muon)
 
@@ -514,10 +524,12 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     With ``sgd_fresh_power`` $= q > 0$, momentum SGD's fresh-gradient term is divided by
     $(1 + D)^q$ on top of the update's rate: $\eta\,[\nu\,b + (1 - \nu)\,c\,\tilde g /
-    (1 + D)^q]$. The default method pairs $q = 1$ with ``DelayScaledLR(momentum_sgd=False)``:
-    momentum SGD's momentum term (slow, and predicted over the delay) keeps the full rate, and
-    only the fresh gradient's immediate kick, the fast part of the delayed feedback loop,
-    takes the delayed rate (Adam's whole update is scaled instead: see docs/study.md).
+    (1 + D)^q]$; ``adam_fresh_power`` does the same for Adam and AdamW,
+    $\eta\,[\nu\,\hat m + (1 - \nu)\,\tilde g / (1 + D)^q] / (\sqrt{\hat v} + \epsilon)$.
+    The default method pairs $q = 1$ for both with
+    ``DelayScaledLR(momentum_sgd=False, adam=False)``: the momentum term (slow, and predicted
+    over the delay) keeps the full rate, and only the fresh gradient's immediate kick, the fast
+    part of the delayed feedback loop, takes the delayed rate (see docs/study.md).
 
     Args:
         nu: $\nu \in [0, 1]$; ``"delay"`` for $\nu = \beta_1^{D}$ (Spike Compensation's split:
@@ -527,13 +539,16 @@ class QuasiHyperbolicMomentum(StageTransform):
             ``strict=False`` such an optimizer is left as it is, with a warning. SGD without
             momentum is always left as it is, silently: it has no momentum to mix the gradient
             into, and the formula gives its own update for every $\nu$.
-        sgd_fresh_power: $q \ge 0$ (0: the fresh term at the update's rate).
-        delays: ``"observed"`` or ``"1f1b"``, the $D$ of ``sgd_fresh_power``, as in
+        sgd_fresh_power: $q \ge 0$ for momentum SGD (0: the fresh term at the update's rate).
+        adam_fresh_power: $q \ge 0$ for a stage optimizer that is Adam or AdamW (not for the
+            Adam parts of a :class:`~predictopt.combined.CombinedOptimizer` beside Muon).
+        delays: ``"observed"`` or ``"1f1b"``, the $D$ of the fresh powers, as in
             :class:`DelayScaledLR`.
     """
 
     def __init__(self, nu: float | str = 0.5, *, strict: bool = True,
-                 sgd_fresh_power: float = 0.0, delays: str = "observed") -> None:
+                 sgd_fresh_power: float = 0.0, adam_fresh_power: float = 0.0,
+                 delays: str = "observed") -> None:
         if nu != "delay":
             nu = _number(nu, "nu", high=1.0)
         if not isinstance(strict, bool):
@@ -541,6 +556,7 @@ class QuasiHyperbolicMomentum(StageTransform):
         self.nu = nu
         self.strict = strict
         self.sgd_fresh_power = _number(sgd_fresh_power, "sgd_fresh_power")
+        self.adam_fresh_power = _number(adam_fresh_power, "adam_fresh_power")
         self.delays = _delays(delays)
 
     @staticmethod
@@ -559,7 +575,7 @@ class QuasiHyperbolicMomentum(StageTransform):
 
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
-        if self.sgd_fresh_power:
+        if self.sgd_fresh_power or self.adam_fresh_power:
             _delay_of(ctx, self.delays)  # checks what the delays need
         kinds = [self._kind(p) for p in _parts(optimizer)]
         if None in kinds:
@@ -580,18 +596,21 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     def _fresh_factor(self, ctx: StageContext, kind: str = "sgd") -> float:
         """The factor on the fresh-gradient term of an optimizer of ``kind`` (``"adam"`` or
-        ``"sgd"``): $(1 + D)^{-q}$ for momentum SGD, 1 for Adam (whose whole update a method
-        scales with :class:`DelayScaledLR`)."""
-        if kind != "sgd" or not self.sgd_fresh_power:
+        ``"sgd"``): $(1 + D)^{-q}$ with that kind's power (1 when it is 0: the bits of the plain
+        transform)."""
+        q = self.sgd_fresh_power if kind == "sgd" else self.adam_fresh_power
+        if not q:
             return 1.0
-        return (1.0 + _delay_of(ctx, self.delays)) ** -self.sgd_fresh_power
+        return (1.0 + _delay_of(ctx, self.delays)) ** -q
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
-        for opt in _parts(update.optimizer):
+        parts = _parts(update.optimizer)
+        for opt in parts:
             kind = self._kind(opt)
             if kind not in ("adam", "sgd"):
                 continue
+            alone = len(parts) == 1 and opt is update.optimizer
             for group in opt.param_groups:
                 nu = self._nu(group, ctx)
                 if nu == 1.0:
@@ -599,7 +618,8 @@ class QuasiHyperbolicMomentum(StageTransform):
                 alpha = -float(group["lr"]) * (1.0 - nu)
                 sign = -1.0 if group.get("maximize") else 1.0
                 wd = float(group.get("weight_decay", 0.0) or 0.0)
-                fresh = self._fresh_factor(ctx, kind)  # 1: the bits of the plain transform
+                # 1: the bits of the plain transform; Adam parts of a Muon stage: 1
+                fresh = self._fresh_factor(ctx, kind) if kind == "sgd" or alone else 1.0
                 if kind == "adam":  # the fresh term is g~ = sign g + l2 w
                     l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
                     self._adam(opt, group, alpha, sign * fresh, l2 * fresh, update.workspace)
