@@ -761,6 +761,12 @@ def test_splits_update_and_the_default_calibrates_those_stages_only():
     assert all(splits_update(o) and default.calibrates(o) for o in yes)
     assert not any(splits_update(o) or default.calibrates(o) for o in no)
     assert not get_method("sequential-qh-dm-dl").calibrates(yes[0])  # predicts nothing
+    kinds = [QuasiHyperbolicMomentum.split_kind(o, o) for o in yes]
+    assert kinds == ["adam", "adam", "sgd"]
+    if hasattr(torch.optim, "Muon"):  # the Adam part of a Muon stage keeps the whole update
+        combined = no[-1]
+        assert QuasiHyperbolicMomentum.split_kind(combined.optimizers[1], combined) is None
+        assert QuasiHyperbolicMomentum.split_kind(combined.optimizers[1]) == "adam"
 
 
 def test_quasi_hyperbolic_momentum_elsewhere_raises_or_warns():

@@ -264,13 +264,14 @@ register_method(Method(
 
 
 def splits_update(optimizer: Optimizer) -> bool:
-    """Whether the default method splits the update of a stage with ``optimizer``: Adam, AdamW
-    or momentum SGD (not Nesterov), not parts of a combined optimizer with Muon. Those stages
-    keep the momentum term at the full rate, so their prediction along it is calibrated (a
-    gain fitted per horizon: the full-rate momentum overshoots what the stage really moves)."""
+    """Whether the default method splits the whole update of a stage with ``optimizer``
+    (:meth:`QuasiHyperbolicMomentum.split_kind` of every part: Adam, AdamW or momentum SGD,
+    not Nesterov, not Muon or the Adam parts beside it). Those stages keep the momentum term
+    at the full rate, so their prediction along it is calibrated (a gain fitted per horizon:
+    the full-rate momentum overshoots what the stage really moves)."""
     from .transforms import _parts
 
-    return all(QuasiHyperbolicMomentum._kind(p) in ("adam", "sgd") for p in _parts(optimizer))
+    return all(QuasiHyperbolicMomentum.split_kind(p, optimizer) for p in _parts(optimizer))
 
 
 register_method(Method(

@@ -490,11 +490,9 @@ class DelayScaledLR(StageTransform):
 
     def scales_lr_of(self, optimizer: Optimizer, stage_optimizer: Optimizer | None = None
                      ) -> bool:
-        kind = QuasiHyperbolicMomentum._kind(optimizer)
-        if kind == "sgd" and not self.momentum_sgd:
+        kind = QuasiHyperbolicMomentum.split_kind(optimizer, stage_optimizer)
+        if (kind == "sgd" and not self.momentum_sgd) or (kind == "adam" and not self.adam):
             return False
-        if kind == "adam" and not self.adam and stage_optimizer in (None, optimizer):
-            return False  # an Adam stage; the Adam parts of a Muon stage keep the scaled rate
         muon = getattr(torch.optim, "Muon", None)
         return self.muon or muon is None or not isinstance(optimizer, muon)
 
@@ -573,6 +571,18 @@ class QuasiHyperbolicMomentum(StageTransform):
             return "keep"  # Muon: Nesterov momentum already, orthogonalised; left as it is
         return None
 
+    @classmethod
+    def split_kind(cls, part: Optimizer, stage_optimizer: Optimizer | None = None) -> str | None:
+        """The kind whose update the fresh powers split (and ``DelayScaledLR``'s
+        ``momentum_sgd=False`` / ``adam=False`` leave at the full rate): ``"sgd"`` for momentum
+        SGD, ``"adam"`` for Adam or AdamW when ``part`` is the stage optimizer itself
+        (``stage_optimizer`` ``None`` or ``part``; the Adam parts of a
+        :class:`~predictopt.combined.CombinedOptimizer` beside Muon keep the whole update
+        scaled), else ``None``."""
+        kind = cls._kind(part)
+        if kind == "sgd" or (kind == "adam" and stage_optimizer in (None, part)):
+            return kind
+        return None
 
     def prepare(self, optimizer: Optimizer, ctx: StageContext) -> Optimizer:
         if self.sgd_fresh_power or self.adam_fresh_power:
@@ -605,12 +615,11 @@ class QuasiHyperbolicMomentum(StageTransform):
 
     @torch.no_grad()
     def after_step(self, ctx: StageContext, update: UpdateContext) -> None:
-        parts = _parts(update.optimizer)
-        for opt in parts:
+        for opt in _parts(update.optimizer):
             kind = self._kind(opt)
             if kind not in ("adam", "sgd"):
                 continue
-            alone = len(parts) == 1 and opt is update.optimizer
+            split = self.split_kind(opt, update.optimizer) is not None
             for group in opt.param_groups:
                 nu = self._nu(group, ctx)
                 if nu == 1.0:
@@ -618,8 +627,8 @@ class QuasiHyperbolicMomentum(StageTransform):
                 alpha = -float(group["lr"]) * (1.0 - nu)
                 sign = -1.0 if group.get("maximize") else 1.0
                 wd = float(group.get("weight_decay", 0.0) or 0.0)
-                # 1: the bits of the plain transform; Adam parts of a Muon stage: 1
-                fresh = self._fresh_factor(ctx, kind) if kind == "sgd" or alone else 1.0
+                # 1 (the bits of the plain transform) where the update is not split
+                fresh = self._fresh_factor(ctx, kind) if split else 1.0
                 if kind == "adam":  # the fresh term is g~ = sign g + l2 w
                     l2 = wd if not isinstance(opt, torch.optim.AdamW) else 0.0
                     self._adam(opt, group, alpha, sign * fresh, l2 * fresh, update.workspace)
