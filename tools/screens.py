@@ -52,16 +52,11 @@ def variants() -> dict[str, dict[str, Any]]:
                 out += v or [{} for _ in part.param_groups]
             return out
 
-    class AdamFreshSplit(QuasiHyperbolicMomentum):
-        """Quasi-hyperbolic momentum whose fresh-gradient term alone takes the rate / (1 + D)
-        with Adam too (the library's ``sgd_fresh_power`` is momentum SGD's only): with the
-        step at the full rate, the update is eta [nu m^ + (1 - nu) g / (1 + D)] / (sqrt(v^) +
-        eps)."""
+    # the fresh-gradient term alone at the rate / (1 + D) with Adam, the prediction uncalibrated
+    # (the default's split before its calibration; (1 + D) ** -1.0 == 1 / (1 + D) bit for bit)
+    adam_split = QuasiHyperbolicMomentum(0.5, strict=False, adam_fresh_power=1.0)
 
-        def _fresh_factor(self, ctx, kind="sgd"):  # type: ignore[no-untyped-def]
-            return 1.0 / (1.0 + ctx.delay)
-
-    class SplitUpTo(AdamFreshSplit):
+    class SplitUpTo(QuasiHyperbolicMomentum):
         """The fresh-gradient term alone / (1 + D) where D <= 3, nothing here where D > 3."""
 
         def _fresh_factor(self, ctx, kind="sgd"):  # type: ignore[no-untyped-def]
@@ -223,7 +218,7 @@ def variants() -> dict[str, dict[str, Any]]:
             "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
         "pipeoptim-qh-dm-dl-adam-split": {
             "method": Method("pipeoptim-qh-dm-dl-adam-split", forward="predicted",
-                             transforms=(dm, AdamFreshSplit(0.5, strict=False))),
+                             transforms=(dm, adam_split)),
             "group": "adam-split",
             "variant": "the former default with Adam's update split as momentum SGD's (the "
                        "prediction uncalibrated): the momentum term at the full rate, the "
