@@ -127,16 +127,22 @@ class PredictiveOptimizer(Optimizer):
         calibration_horizons: The horizons whose gains are fitted (ints >= 1); default
             ``(steps,)``. A prediction at another horizon uses the gain of the nearest fitted
             one (the smaller on a tie).
+        calibration_every: A sample of horizon $s$ starts at most once every
+            $\max(s, k)$ real updates, $k$ = ``calibration_every`` (an int >= 1; 1, the
+            default: as soon as the previous one of that horizon completes). Larger values
+            cut the cost below by about that factor for the short horizons, at the price of
+            fewer samples (each of the same weight in the average).
 
     Calibrated prediction: for each fitted horizon $s$ the wrapper takes, at a ``step()``, the
     displacement $P_k = \hat w(s) - w_t$ the prediction of that update made (uncalibrated, from
     the same state), waits ``s`` real updates (skipped AMP steps do not count) and compares it
     with the displacement that really happened, $A_k = w_{t+s} - w_t$; then the next sample
-    starts. Each group keeps an exponential moving average (factor ``calibration_beta``, per
-    sample) of the samples' least-squares gains $g_k = \langle P_k, A_k\rangle / \lVert
-    P_k\rVert^2$ (``param_groups[i]["predictopt_calibration"]["fit"][s]``; the sample in flight
-    lives in the state, key ``predictopt_calibration_<s>``, so checkpoints carry both and a
-    resumed run continues bit for bit), and the prediction at horizon $s$ is
+    starts (at most once every ``calibration_every`` updates). Each group keeps an
+    exponential moving average (factor ``calibration_beta``, per sample) of the samples'
+    least-squares gains $g_k = \langle P_k, A_k\rangle / \lVert P_k\rVert^2$
+    (``param_groups[i]["predictopt_calibration"]["fit"][s]``; the sample in flight lives in the
+    state, key ``predictopt_calibration_<s>``, so checkpoints carry both and a resumed run
+    continues bit for bit), and the prediction at horizon $s$ is
 
     $$
     \hat w_\alpha(s) = w + \alpha_s\,(\hat w(s) - w), \qquad
@@ -159,17 +165,19 @@ class PredictiveOptimizer(Optimizer):
     kept. Until the first sample of a horizon completes, $\alpha = 1$.
 
     Cost per fitted horizon $s$: one displacement (a copy of the parameters, in the state) held
-    for $s$ updates (for $s = 1$ only during ``step()``), and per $s$ updates one uncalibrated
-    prediction and three inner products over the parameters summed in float64 (measured on CPU:
-    about 1.75 foreach AdamW steps per sample, so at every step for $s = 1$; see the
-    benchmarks).
+    for $s$ updates (for $s = 1$ only during ``step()``), and per $\max(s, k)$ updates one
+    uncalibrated prediction and three inner products over the parameters summed in float64
+    (measured on CPU: about 1.75 foreach AdamW steps per sample, so at every step for $s = 1$
+    and $k = 1$; see the benchmarks).
 
     Raises:
         TypeError: ``optimizer`` is not an ``Optimizer`` (or already a ``PredictiveOptimizer``),
             ``steps`` is not an int, ``calibrate`` is not a bool, ``calibration_horizons`` is not
-            a non-empty sequence of ints, or ``rule`` has the wrong type.
+            a non-empty sequence of ints, ``calibration_every`` is not an int, or ``rule`` has
+            the wrong type.
         ValueError: ``steps < 0``, an unknown rule name, ``calibration_beta`` outside
-            ``[0, 1)`` or a horizon in ``calibration_horizons`` below 1.
+            ``[0, 1)``, a horizon in ``calibration_horizons`` or ``calibration_every`` below
+            1.
     """
 
     param_groups = _delegate("param_groups")  # type: ignore[assignment]
@@ -182,7 +190,8 @@ class PredictiveOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, steps: int = 1,
                  rule: str | PredictionRule | None = None, *, calibrate: bool = True,
                  calibration_beta: float = 0.9,
-                 calibration_horizons: Sequence[int] | None = None) -> None:
+                 calibration_horizons: Sequence[int] | None = None,
+                 calibration_every: int = 1) -> None:
         if isinstance(optimizer, PredictiveOptimizer):
             raise TypeError("optimizer is a PredictiveOptimizer already; wrap the bare optimizer")
         if not isinstance(optimizer, Optimizer):
@@ -198,11 +207,16 @@ class PredictiveOptimizer(Optimizer):
             raise ValueError(
                 f"calibration_beta must be a float in [0, 1), got {calibration_beta!r}")
         horizons = _check_horizons(calibration_horizons)
+        if isinstance(calibration_every, bool) or not isinstance(calibration_every, int):
+            raise TypeError(f"calibration_every must be an int >= 1, got {calibration_every!r}")
+        if calibration_every < 1:
+            raise ValueError(f"calibration_every must be an int >= 1, got {calibration_every}")
         rule_obj = get_rule(rule, optimizer)
         self._predictopt_inner = optimizer
         self.calibrate = calibrate
         self.calibration_beta = float(calibration_beta)
         self.calibration_horizons = horizons
+        self.calibration_every = calibration_every
         self.steps = steps
         self.rule = rule_obj
         self._saved: list[tuple[list[Tensor], list[Tensor]]] | None = None
@@ -351,7 +365,8 @@ class PredictiveOptimizer(Optimizer):
         inner = self._predictopt_inner
         groups = inner.param_groups
         for h in self._horizons():
-            todo = {gi for gi, g in enumerate(groups) if h not in _record(g)["sample"]}
+            todo = {gi for gi, g in enumerate(groups)
+                    if h not in (r := _record(g))["sample"] and h not in r["wait"]}
             if not todo:
                 continue
             found = prediction.displacements(inner, self.rule, h, self._future_lrs(h), todo)
@@ -365,7 +380,9 @@ class PredictiveOptimizer(Optimizer):
                         inner.state[p][f"{SAMPLE_KEY}{h}"] = (
                             torch.view_as_complex(d) if p.is_complex() else d)
                     record["sample"][h] = [h, c, den]
-                groups[gi][CALIBRATION_KEY] = record  # a new object: state_dicts taken stay put
+                    if self.calibration_every > 1:  # the next one starts this many updates on
+                        record["wait"][h] = self.calibration_every
+                _store(groups[gi], record)  # a new object: state_dicts taken stay put
 
     @torch.no_grad()
     def _calibration_end(self) -> None:
@@ -374,8 +391,13 @@ class PredictiveOptimizer(Optimizer):
         b = self.calibration_beta
         for group in inner.param_groups:
             record = _record(group)
-            if not record["sample"]:
+            if not record["sample"] and not record["wait"]:
                 continue
+            for h, left in list(record["wait"].items()):
+                if left > 1:
+                    record["wait"][h] = left - 1
+                else:
+                    del record["wait"][h]
             for h, (left, c, den) in list(record["sample"].items()):
                 if left > 1:
                     record["sample"][h] = [left - 1, c, den]
@@ -391,7 +413,7 @@ class PredictiveOptimizer(Optimizer):
                 old = record["fit"].get(h)
                 record["fit"][h] = ([gain, 1] if old is None else
                                     [b * old[0] + (1 - b) * gain, old[1] + 1])
-            group[CALIBRATION_KEY] = record
+            _store(group, record)
 
     # ------------------------------------------------------------------ optimizer protocol
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
@@ -517,7 +539,8 @@ class PredictiveOptimizer(Optimizer):
         return {"_predictopt_inner": self._predictopt_inner, "steps": self.steps,
                 "rule": self.rule, "_scheduler": scheduler, "calibrate": self.calibrate,
                 "calibration_beta": self.calibration_beta,
-                "calibration_horizons": self.calibration_horizons}
+                "calibration_horizons": self.calibration_horizons,
+                "calibration_every": self.calibration_every}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -526,21 +549,33 @@ class PredictiveOptimizer(Optimizer):
         state.setdefault("calibrate", False)
         state.setdefault("calibration_beta", 0.9)
         state.setdefault("calibration_horizons", None)
+        state.setdefault("calibration_every", 1)
         self.__dict__.update(state)
         self._saved = None
         self._zero_grad_profile_name = "Optimizer.zero_grad#PredictiveOptimizer.zero_grad"
 
 
-def _record(group: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
-    """A copy of a group's calibration record (a legacy one-step ``[mean <P, A>, mean |P|^2]``:
-    the fit of horizon 1)."""
+def _record(group: dict[str, Any]) -> dict[str, dict[int, Any]]:
+    """A copy of a group's calibration record: ``fit`` (per horizon, the averaged gain and the
+    number of samples), ``sample`` (per horizon in flight: updates left, <P, w_t>, |P|^2) and
+    ``wait`` (per horizon, updates until its next sample may start; ``calibration_every > 1``
+    only). A legacy one-step record ``[mean <P, A>, mean |P|^2]`` is the fit of horizon 1."""
     rec = group.get(CALIBRATION_KEY)
     if not rec:
-        return {"fit": {}, "sample": {}}
+        return {"fit": {}, "sample": {}, "wait": {}}
     if not isinstance(rec, dict):
         num, den = rec
-        return {"fit": {1: [num / den, 1]} if den > 0 else {}, "sample": {}}
-    return {"fit": dict(rec.get("fit", {})), "sample": dict(rec.get("sample", {}))}
+        return {"fit": {1: [num / den, 1]} if den > 0 else {}, "sample": {}, "wait": {}}
+    return {"fit": dict(rec.get("fit", {})), "sample": dict(rec.get("sample", {})),
+            "wait": dict(rec.get("wait", {}))}
+
+
+def _store(group: dict[str, Any], record: dict[str, dict[int, Any]]) -> None:
+    """Set a group's calibration record (without an empty ``wait``: with
+    ``calibration_every = 1`` the record is what it was before that option)."""
+    if not record["wait"]:
+        record = {"fit": record["fit"], "sample": record["sample"]}
+    group[CALIBRATION_KEY] = record
 
 
 def _total(values: Iterable[Tensor]) -> float:

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import bench_gpu, bench_pipeline
 from benchmarks.bench_predict import fresh_path
-from predictopt.pipeline import DEFAULT_METHOD
+from predictopt.pipeline import DEFAULT_METHOD, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +75,11 @@ def test_pipeline_variants_and_quick_args() -> None:
     full = bench_pipeline.parse_args([])
     assert full.stage == ["mlp", "transformer"] and full.optimizer == ["fused", "default"]
     assert full.microbatches == 8
+    every = bench_pipeline.method_of(f"{DEFAULT_METHOD}-every16")
+    assert every.calibration_every == 16 and every.name == f"{DEFAULT_METHOD}-every16"
+    assert every.with_(name=DEFAULT_METHOD, calibration_every=1) == get_method(DEFAULT_METHOD)
+    with pytest.raises(SystemExit):
+        bench_pipeline.parse_args(["--variants", "pipeoptim-every-3"])
 
 
 def test_pipeline_summary_ratios_per_round() -> None:

@@ -106,27 +106,31 @@ def test_method_fields_are_checked():
         Method("")
 
 
-def test_method_calibrate_fits_a_gain_at_each_horizon_of_the_stage(batch):
+@pytest.mark.parametrize("every", [1, 3])
+def test_method_calibrate_fits_a_gain_at_each_horizon_of_the_stage(batch, every):
     """calibrate=True is the user's PredictiveOptimizer(calibrate=True) fitted at the stage's
-    positive horizons, bit for bit; a stage that predicts nothing (D = 0) and a method that does
-    not predict are not calibrated; a predicate sees the stage optimizer; bad values are
-    errors naming the field."""
+    positive horizons (with the method's calibration_every), bit for bit; a stage that predicts
+    nothing (D = 0) and a method that does not predict are not calibrated; a predicate sees the
+    stage optimizer; bad values are errors naming the field."""
     from predictopt import PredictiveOptimizer
 
     x, y = batch
-    cal = get_method("pipeoptim").with_(name="pipeoptim-cal-test", calibrate=True)
+    cal = get_method("pipeoptim").with_(name="pipeoptim-cal-test", calibrate=True,
+                                        calibration_every=every)
     wa, la, sim = train(cal, x, y, steps=4)
     horizons = [sorted({h for h in w.horizons if h > 0}) for w in sim.workers]
     assert horizons[0] and not horizons[-1]
     for w, hs in zip(sim.workers, horizons):
         assert w.optimizer.calibrate == bool(hs)
         assert w.optimizer.calibration_horizons == (tuple(hs) if hs else None)
+        assert w.optimizer.calibration_every == (every if hs else 1)
     it = iter(horizons)
 
     def wrapped(ps):
         hs = next(it)
         return PredictiveOptimizer(adamw(ps), steps=max(hs, default=1), calibrate=bool(hs),
-                                   calibration_horizons=tuple(hs) or None)
+                                   calibration_horizons=tuple(hs) or None,
+                                   calibration_every=every)
 
     wb, lb, _ = train("pipeoptim", x, y, make=wrapped, steps=4)
     assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 from predictopt import PredictiveOptimizer, get_rule, predict, prediction, testing
 from predictopt.fidelity import fidelity_ratios
 from predictopt.optimizer import CALIBRATION_KEY, SAMPLE_KEY
+from predictopt.pipeline import get_method
 from predictopt.rules import OBSERVED_KEY, AdafactorRule, MuonRule
 from tests._hyp import props
 
@@ -508,30 +509,35 @@ def test_calibration_is_fitted_per_horizon():
 
 @props(10)
 @given(name=st.sampled_from(["sgd-momentum", "adam", "rmsprop", "adamw", "nadam"]),
-       s=st.integers(1, 4), beta=st.sampled_from([0.0, 0.5, 0.9]), seed=st.integers(0, 999))
-def test_calibration_statistics_are_the_realised_displacements(name, s, beta, seed):
+       s=st.integers(1, 4), beta=st.sampled_from([0.0, 0.5, 0.9]), seed=st.integers(0, 999),
+       every=st.sampled_from([1, 1, 2, 5]))
+def test_calibration_statistics_are_the_realised_displacements(name, s, beta, seed, every):
     """Recomputed outside: each sample is the uncalibrated s-step prediction made at a step
-    and the displacement the run then really made; the fit is the ``beta``-average of the
-    samples' gains <P, A>/|P|^2, and on the averaged normalised squared errors the calibrated
-    prediction is never worse than the stale weights."""
+    (when none is in flight and ``calibration_every`` updates have passed since the last one
+    started) and the displacement the run then really made; the fit is the ``beta``-average of
+    the samples' gains <P, A>/|P|^2, and on the averaged normalised squared errors the
+    calibrated prediction is never worse than the stale weights."""
     make = {"sgd-momentum": lambda p: O.SGD(p, lr=0.05, momentum=0.9),
             "adam": lambda p: O.Adam(p, lr=0.02),
             "rmsprop": lambda p: O.RMSprop(p, lr=0.01),
             "adamw": lambda p: O.AdamW(p, lr=0.02, weight_decay=0.5),
             "nadam": lambda p: O.NAdam(p, lr=0.02)}[name]
     params = testing.make_params([(6,), (3, 2)], torch.float64, seed)
-    opt = PredictiveOptimizer(make(params), steps=s, calibration_beta=beta)
+    opt = PredictiveOptimizer(make(params), steps=s, calibration_beta=beta,
+                              calibration_every=every)
     gen = torch.Generator().manual_seed(seed)
     drift = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
     pending: list[tuple[int, list[Tensor], list[Tensor]]] = []
     ema: list[float] | None = None  # averages of g_k, |A_k|^2/|P_k|^2 (error at alpha = 0)
     count = 0
-    for _ in range(30):
-        if s not in opt.param_groups[0].get(CALIBRATION_KEY, {}).get("sample", {}):
+    last = None  # the update at which the last sample started
+    for t in range(30):
+        if not pending and (last is None or t - last >= every):
             raw = predict(opt.optimizer, s, rule=opt.rule)
             disp = [raw[p] - p.detach() for p in params]
             if sum(float((d * d).sum()) for d in disp) > 0:
                 pending.append((s, [p.detach().clone() for p in params], disp))
+                last = t
         for p, d in zip(params, drift):
             p.grad = d + torch.randn(p.shape, generator=gen, dtype=torch.float64)
         opt.step()
@@ -554,9 +560,12 @@ def test_calibration_statistics_are_the_realised_displacements(name, s, beta, se
     assert alpha**2 - 2 * alpha * ema[0] + ema[1] <= ema[1] + 1e-12
 
 
-def test_a_checkpoint_with_a_sample_in_flight_resumes_bit_for_bit_through_a_bare_optimizer():
+@pytest.mark.parametrize("every", [1, 5])
+def test_a_checkpoint_with_a_sample_in_flight_resumes_bit_for_bit_through_a_bare_optimizer(
+        every):
     def make(m):
-        return PredictiveOptimizer(O.SGD(m.parameters(), lr=0.1, momentum=0.9), steps=3)
+        return PredictiveOptimizer(O.SGD(m.parameters(), lr=0.1, momentum=0.9), steps=3,
+                                   calibration_every=every)
 
     def train(m, opt, a, b):
         for t in range(a, b):
@@ -568,12 +577,15 @@ def test_a_checkpoint_with_a_sample_in_flight_resumes_bit_for_bit_through_a_bare
 
     m_ref = _model()
     ref = make(m_ref)
-    train(m_ref, ref, 0, 12)
+    train(m_ref, ref, 0, 14)
     m = _model()
     opt = make(m)
-    train(m, opt, 0, 6)
+    cut = 6 if every == 1 else 7  # samples start at updates 1, 4, 7, ... or 1, 6, 11
+    train(m, opt, 0, cut)
     ckpt = pickle.loads(pickle.dumps((m.state_dict(), opt.state_dict())))
     assert ckpt[1]["param_groups"][0][CALIBRATION_KEY]["sample"]  # a sample in flight
+    # and, sampling every 5 updates, the wait until the next one (no wait key at every=1)
+    assert ("wait" in ckpt[1]["param_groups"][0][CALIBRATION_KEY]) == (every > 1)
     assert any(k.startswith(SAMPLE_KEY) for st_ in ckpt[1]["state"].values() for k in st_)
     m2 = _model(1)
     m2.load_state_dict(ckpt[0])
@@ -581,7 +593,7 @@ def test_a_checkpoint_with_a_sample_in_flight_resumes_bit_for_bit_through_a_bare
     bare.load_state_dict(ckpt[1])
     resumed = make(m2)
     resumed.load_state_dict(bare.state_dict())
-    train(m2, resumed, 6, 12)
+    train(m2, resumed, cut, 14)
     assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m2.parameters()))
     assert resumed.calibration_scales() == ref.calibration_scales() != [1.0]
 
@@ -621,6 +633,32 @@ def test_calibration_horizons_are_checked(horizons, exc, match):
     with pytest.raises(exc, match=match):
         PredictiveOptimizer(O.SGD(testing.make_params([(2,)]), lr=0.1),
                             calibration_horizons=horizons)
+
+
+@pytest.mark.parametrize(("every", "exc"), [(0, ValueError), (-2, ValueError),
+                                           (2.0, TypeError), (True, TypeError), ("3", TypeError)])
+def test_calibration_every_is_checked(every, exc):
+    with pytest.raises(exc, match="calibration_every must be an int >= 1"):
+        PredictiveOptimizer(O.SGD(testing.make_params([(2,)]), lr=0.1),
+                            calibration_every=every)
+    with pytest.raises(ValueError, match="calibration_every must be an int >= 1"):
+        get_method("pipeoptim").with_(name="x", calibration_every=every)
+
+
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_calibration_every_spaces_the_samples_of_each_horizon(every):
+    """Horizon h starts a sample at the second step (the first with optimizer state) and then
+    every max(h, every) updates; the fit of horizon h counts the completed ones."""
+    params = testing.make_params([(5,)])
+    opt = PredictiveOptimizer(O.Adam(params, lr=0.1), steps=4, calibration_horizons=(1, 2, 4),
+                              calibration_every=every)
+    n = 30
+    _train_noisy(opt, params, n)
+    fit = opt.param_groups[0][CALIBRATION_KEY]["fit"]
+    for h in (1, 2, 4):
+        starts = range(1, n, max(h, every))
+        assert fit[h][1] == sum(1 for t in starts if t + h <= n)
+    assert pickle.loads(pickle.dumps(opt)).calibration_every == every
 
 
 def test_a_legacy_one_step_calibration_record_is_read_as_horizon_one():

@@ -283,10 +283,12 @@ def study_rate_screens() -> str:
                      "sequential-qh-dm-dl-sgd-whole", "sequential"))
 
 
-def _former_and_now(group: str, optimizer: str, cols: tuple[str, ...],
-                    head: tuple[str, ...], also: tuple[str, ...] = ()) -> str:
+def _former_and_now(group: str, optimizer: str | tuple[str, ...], cols: tuple[str, ...],
+                    head: tuple[str, ...], also: tuple[str, ...] = (),
+                    depths: tuple[int, ...] = (4, 8, 16)) -> str:
     """Screens of ``group`` (a former form of the default, all seeds) beside the study's runs,
-    per depth: held-out loss, mean over the seeds (their number in parentheses)."""
+    per optimizer and depth: held-out loss, mean over the seeds (their number in
+    parentheses)."""
     import statistics
 
     from predictopt.study import LMConfig
@@ -296,14 +298,33 @@ def _former_and_now(group: str, optimizer: str, cols: tuple[str, ...],
     runs = [r for r in (json.loads(x) for x in SCREENS.read_text().splitlines() if x.strip())
             if r.get("group") in (group, *also)] + list(_records())
     lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
-    for stages in (4, 8, 16):
-        cells = []
-        for c in cols:
-            v = [r["final_loss"] for r in runs
-                 if r["method"] == c and LMConfig(**r["config"]) == _cfg(stages, optimizer)]
-            cells.append(f"{statistics.mean(v):.3f} ({len(v)})" if v else "")
-        lines.append(f"| {stages} stages, {optimizer} | " + " | ".join(cells) + " |")
+    for opt in (optimizer,) if isinstance(optimizer, str) else optimizer:
+        for stages in depths:
+            cells = []
+            for c in cols:
+                v = [r["final_loss"] for r in runs
+                     if r["method"] == c and LMConfig(**r["config"]) == _cfg(stages, opt)]
+                cells.append(f"{statistics.mean(v):.3f} ({len(v)})" if v else "")
+            lines.append(f"| {stages} stages, {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def study_muon_calibration_screens() -> str:
+    """The default with its prediction calibrated on Muon stages too (lm_screens.jsonl, group
+    "muon-calibration") beside the study's runs."""
+    return _screens(("muon-calibration",),
+                    ("pipeoptim-qh-dm-dl", "pipeoptim", "pipedream", "sequential"))
+
+
+def study_calibration_every_screens() -> str:
+    """The default with its calibration sampled at most once every k updates per horizon
+    (lm_screens.jsonl, group "calibration-every") beside the default (k = 1)."""
+    return _former_and_now(
+        "calibration-every", ("adamw", "sgd"),
+        ("pipeoptim-qh-dm-dl", "pipeoptim-qh-dm-dl-every8", "pipeoptim-qh-dm-dl-every16",
+         "sequential", "pipedream"),
+        ("`pipeoptim-qh-dm-dl` (k = 1)", "k = 8", "k = 16", "`sequential`", "`pipedream`"),
+        depths=(8,))
 
 
 def study_muon_horizon_screens() -> str:
@@ -351,27 +372,33 @@ def study_adam_whole_screens() -> str:
 
 def study_prediction_probe() -> str:
     """Per stage, how well the forward weights predicted the weights the gradient met
-    (docs/results/prediction_probe.jsonl, ``tools/probe_prediction.py``)."""
+    (docs/results/prediction_probe.jsonl, ``tools/probe_prediction.py``): one table per
+    (stages, optimizer, seed)."""
     path = RESULTS / "prediction_probe.jsonl"
     if not path.exists():
         return "(run `python tools/probe_prediction.py` first)\n"
-    runs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    head = " | ".join(f"`{r['method']}`" for r in runs)
-    lines = [f"| stage (D) | {head} |", "|---|" + "---:|" * len(runs)]
-    stages = sorted({(s["stage"], s["delay"]) for r in runs for s in r["per_stage"]})
-    for stage, delay in stages:
-        cells = []
-        for r in runs:
-            s = next((x for x in r["per_stage"] if x["stage"] == stage), None)
-            cells.append("" if s is None else
-                         f"{s['error_ratio']:.2f} / {s['gain']:+.2f} / {s['cosine']:+.2f}")
-        lines.append(f"| {stage} ({delay}) | " + " | ".join(cells) + " |")
-    lines.append("| held-out loss | " + " | ".join(f"{r['final_loss']:.3f}" for r in runs)
-                 + " |")
-    first = runs[0]
-    return (f"{first['stages']} stages, {first['optimizer']}, seed {first['seed']}; error "
-            "ratio / gain / cosine, mean over the second half of the run:\n\n"
-            + "\n".join(lines) + "\n")
+    every = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    settings = list(dict.fromkeys((r["stages"], r["optimizer"], r["seed"]) for r in every))
+    parts = []
+    for setting in settings:
+        runs = [r for r in every if (r["stages"], r["optimizer"], r["seed"]) == setting]
+        head = " | ".join(f"`{r['method']}`" for r in runs)
+        lines = [f"| stage (D) | {head} |", "|---|" + "---:|" * len(runs)]
+        stages = sorted({(s["stage"], s["delay"]) for r in runs for s in r["per_stage"]})
+        for stage, delay in stages:
+            cells = []
+            for r in runs:
+                s = next((x for x in r["per_stage"] if x["stage"] == stage), None)
+                cells.append("" if s is None else
+                             f"{s['error_ratio']:.2f} / {s['gain']:+.2f} / {s['cosine']:+.2f}")
+            lines.append(f"| {stage} ({delay}) | " + " | ".join(cells) + " |")
+        lines.append("| held-out loss | "
+                     + " | ".join(f"{r['final_loss']:.3f}" for r in runs) + " |")
+        stages_n, optimizer, seed = setting
+        parts.append(f"{stages_n} stages, {optimizer}, seed {seed}; error ratio / gain / "
+                     "cosine, mean over the second half of the run:\n\n" + "\n".join(lines)
+                     + "\n")
+    return "\n".join(parts)
 
 
 def study_horizon_screens() -> str:
@@ -883,6 +910,10 @@ def _study_generators() -> dict[str, Callable[[], str]]:
                                           "study-sgd-split-screens": study_sgd_split_screens,
                                           "study-adam-split-screens": study_adam_split_screens,
                                           "study-adam-whole-screens": study_adam_whole_screens,
+                                          "study-muon-calibration-screens":
+                                              study_muon_calibration_screens,
+                                          "study-calibration-every-screens":
+                                              study_calibration_every_screens,
                                           "study-prediction-probe": study_prediction_probe,
                                           "pipeline-overhead": pipeline_overhead,
                                           "pipeline-throughput": pipeline_throughput,

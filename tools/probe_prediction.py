@@ -33,6 +33,9 @@ RUNS: tuple[tuple[str, int, str, int], ...] = (
     ("pipeoptim-qh-dm-dl-adam-whole", 8, "adamw", 1),
     ("pipeoptim-qh-dm-dl-adam-split", 8, "adamw", 1),
     ("pipeoptim-qh-dm-dl", 8, "adamw", 1),
+    ("pipeoptim", 8, "muon", 0),
+    ("pipeoptim-qh-dm-dl", 8, "muon", 0),
+    ("pipeoptim-qh-dm-dl-muon-cal", 8, "muon", 0),
 )
 
 

@@ -257,6 +257,20 @@ def variants() -> dict[str, dict[str, Any]]:
             "variant": "the default with its prediction uncalibrated (with momentum SGD: the "
                        "former default)",
             "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
+        **{f"pipeoptim-qh-dm-dl-every{k}": {
+            "method": get_method("pipeoptim-qh-dm-dl").with_(
+                name=f"pipeoptim-qh-dm-dl-every{k}", calibration_every=k),
+            "group": "calibration-every",
+            "variant": f"the default with a calibration sample of each horizon s at most once "
+                       f"every max(s, {k}) updates",
+            "runs": [(8, o, e) for o in ("adamw", "sgd") for e in (0, 1, 2)]}
+           for k in (8, 16)},
+        "pipeoptim-qh-dm-dl-muon-cal": {
+            "method": get_method("pipeoptim-qh-dm-dl").with_(
+                name="pipeoptim-qh-dm-dl-muon-cal", calibrate=True),
+            "group": "muon-calibration",
+            "variant": "the default with its prediction calibrated on Muon stages too",
+            "runs": [(16, "muon", 0)] + [(8, "muon", e) for e in (0, 1, 2)]},
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),

@@ -281,7 +281,7 @@ def _own_rule(optimizer: Optimizer) -> PredictionRule:
 
 @dataclass(frozen=True)
 class Method:
-    """A pipeline training method (see the module docstring for the fields' meaning).
+    r"""A pipeline training method (see the module docstring for the fields' meaning).
 
     Attributes:
         name: The registry name.
@@ -304,6 +304,9 @@ class Method:
         max_lag: The largest staleness the method can run (PipeDream-2BW: 1); ``None``: any.
         summary: One line for tables and ``--help``.
         source: Where the method comes from.
+        calibration_every: With ``calibrate``, the ``calibration_every`` of that
+            ``PredictiveOptimizer``: a sample of horizon $s$ starts at most once every
+            $\max(s, k)$ updates (an int >= 1).
     """
 
     name: str
@@ -318,6 +321,7 @@ class Method:
     max_lag: int | None = None
     summary: str = ""
     source: str = ""
+    calibration_every: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -335,6 +339,10 @@ class Method:
         if not isinstance(self.calibrate, bool) and not callable(self.calibrate):
             raise TypeError(f"calibrate must be a bool or a callable optimizer -> bool, got "
                             f"{self.calibrate!r}")
+        if (isinstance(self.calibration_every, bool) or not isinstance(self.calibration_every, int)
+                or self.calibration_every < 1):
+            raise ValueError(f"calibration_every must be an int >= 1, got "
+                             f"{self.calibration_every!r}")
         ts = tuple(self.transforms)
         if not all(isinstance(t, StageTransform) for t in ts):
             raise TypeError("transforms must be StageTransform objects")

@@ -410,7 +410,8 @@ class StageWorker:
             calibrate = bool(fitted) and spec.calibrates(prepared)
             self.optimizer = PredictiveOptimizer(
                 prepared, steps=steps, rule=rule_obj, calibrate=calibrate,
-                calibration_horizons=fitted if calibrate else None)
+                calibration_horizons=fitted if calibrate else None,
+                calibration_every=spec.calibration_every if calibrate else 1)
         self.rule: PredictionRule | None = self.optimizer.rule if predicting else None
         self.module = module
         self.param_names: list[str] = [pname for pname, _ in named]
