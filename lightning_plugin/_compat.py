@@ -195,7 +195,7 @@ def schedule_facts(schedule: Any) -> ScheduleFacts:
     return ScheduleFacts(name, multi, v)
 
 
-def bitpipe_copy_update_every(method: str, num_chunks: int, n_microbatches: int,
+def bitpipe_copy_update_every(method: Any, num_chunks: int, n_microbatches: int,
                               copy_update_every: int | None) -> int:
     """Check a BitPipe configuration as ``BitPipeRuntime`` will; return one copy's
     ``update_every`` (completed backwards of one copy per update).

@@ -41,7 +41,7 @@ from .comm import all_gather_objects, to_cpu
 from .contract import pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
 from .optim import rebuild_optimizer
-from .plan import PipelinePlan
+from .plan import PipelinePlan, method_name
 from .training import PipelineRun, _Batch
 from .user_steps import (
     LogEntry,
@@ -349,8 +349,8 @@ class BitPipeRun(PipelineRun):
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
-        groups = (extras.get("stage_groups") or {}) if extras.get("method") == self.plan.method \
-            else {}
+        same = extras.get("method") == method_name(self.plan.method)
+        groups = (extras.get("stage_groups") or {}) if same else {}
         for key in self.keys:
             opt = self.optimizers[key]
             opt.load_state_dict(stage_state(state, opt, self._index_of(key)))
@@ -358,7 +358,6 @@ class BitPipeRun(PipelineRun):
             for s, sd in zip(self.schedulers[key], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[key] = int(done.get(key[1], fallback))
-        same = extras.get("method") == self.plan.method
         saved = extras.get("previous") if same else None
         if saved:
             for key, worker in self.runtime.copies.items():

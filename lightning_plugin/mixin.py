@@ -38,7 +38,7 @@ from .errors import PipelineContractError, PipeOptimConfigError
 from .launch import START_METHODS, resolve_start_method
 from .module import PipelineMixin
 from .optim import check_scheduler_horizons
-from .plan import PipelinePlan, check_pipeline_method, make_plan
+from .plan import PipelinePlan, check_pipeline_method, make_plan, method_name
 from .training import PipelineRun
 from .user_steps import evaluation_step
 
@@ -62,7 +62,7 @@ class PipeOptimStrategyMixin:
         schedule: str = "1F1B",
         *,
         n_microbatches: int | None = None,
-        method: str | None = None,
+        method: Any = None,
         update_every: int | None = None,
         rule: Any = None,
         stages_per_rank: int | None = None,
@@ -209,7 +209,7 @@ class PipeOptimStrategyMixin:
         if self.clip_scope == "global" and not self._can_defer(plan):
             raise PipeOptimConfigError(
                 f"clip_scope='global' needs every stage to update once per batch with a method "
-                f"that does not predict (e.g. method='gpipe'); {plan.method!r} makes "
+                f"that does not predict (e.g. method='gpipe'); {method_name(plan.method)!r} makes "
                 f"{plan.updates_per_step} update(s) per batch, each while the other stages are "
                 "still computing the same micro-batch's gradients. Use clip_scope='stage' or "
                 "'auto'")

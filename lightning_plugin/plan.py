@@ -11,12 +11,14 @@ from torch import nn
 from ._compat import bitpipe_copy_update_every, pipeline_methods, schedule_facts
 from .errors import PipeOptimConfigError
 
-__all__ = ["PipelinePlan", "check_pipeline_method", "make_plan"]
+__all__ = ["PipelinePlan", "check_pipeline_method", "make_plan", "method_name"]
 
 
-def check_pipeline_method(method: Any) -> str:
-    """``method`` if the installed ``predictopt.pipeline`` runs it in a pipeline (``None``: its
-    ``DEFAULT_METHOD``).
+def check_pipeline_method(method: Any) -> Any:
+    """``method`` if the installed ``predictopt.pipeline`` runs it in a pipeline: a registered
+    name (``None``: its ``DEFAULT_METHOD``) or a ``predictopt.pipeline.Method`` value that is
+    not the staleness-free reference (a variant made with ``Method.with_``; the spawned
+    workers get it by pickling, so its callables must be module-level functions).
 
     Raises:
         PipeOptimConfigError: anything else (the message lists the accepted names).
@@ -25,11 +27,23 @@ def check_pipeline_method(method: Any) -> str:
         from predictopt.pipeline import DEFAULT_METHOD
 
         return DEFAULT_METHOD
+    from predictopt.pipeline import Method
+
+    if isinstance(method, Method):
+        if method.staleness_free:
+            raise PipeOptimConfigError(f"method {method.name!r} is staleness-free (no pipeline); "
+                                       "pass a pipeline method")
+        return method
     accepted = pipeline_methods()
     if not isinstance(method, str) or method not in accepted:
-        raise PipeOptimConfigError(f"method must be one of {', '.join(accepted)}; got "
-                                   f"{method!r}")
+        raise PipeOptimConfigError(f"method must be one of {', '.join(accepted)} or a "
+                                   f"predictopt.pipeline.Method; got {method!r}")
     return method
+
+
+def method_name(method: Any) -> str:
+    """The name of a method given by name or as a ``Method`` value."""
+    return method if isinstance(method, str) else method.name
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ class PipelinePlan:
         placement: ``{stage: rank}``.
         n_microbatches: Micro-batches per Lightning batch (per ``schedule.step``).
         update_every: Completed backwards per optimizer update.
-        method: The pipeline method.
+        method: The pipeline method (a registered name or a ``Method``).
     """
 
     schedule: str
@@ -59,7 +73,7 @@ class PipelinePlan:
     placement: dict[int, int]
     n_microbatches: int
     update_every: int
-    method: str = "pipeoptim"
+    method: Any = "pipeoptim"
 
     def local(self, rank: int) -> list[int]:
         """The stages of ``rank``, sorted."""
@@ -119,7 +133,7 @@ def _stages_per_rank(facts: Any, num_stages: int, k: int, stages_per_rank: int |
 
 def make_plan(schedule: str, num_stages: int, world_size: int, *,
               stages_per_rank: int | None = None, n_microbatches: int | None = None,
-              method: str = "pipeoptim", update_every: int | None = None,
+              method: Any = "pipeoptim", update_every: int | None = None,
               update_every_source: str = "update_every") -> PipelinePlan:
     """Check that ``num_stages`` stages fit ``world_size`` devices under ``schedule`` and that
     the method can run that configuration; no process group needed.
@@ -162,12 +176,13 @@ def make_plan(schedule: str, num_stages: int, world_size: int, *,
                         staleness=table[k], update_every=u)
     except ValueError as e:
         raise PipeOptimConfigError(
-            f"method {method!r} cannot run schedule {facts.name!r} with n_microbatches={n} and "
+            f"method {method_name(method)!r} cannot run schedule {facts.name!r} with "
+            f"n_microbatches={n} and "
             f"{what} on {world_size} device(s): {e}") from e
     return PipelinePlan(facts.name, world_size, spr, num_stages, placement, n, u, method)
 
 
-def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None, method: str,
+def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None, method: Any,
                   update_every: int | None, update_every_source: str) -> PipelinePlan:
     """:func:`make_plan` for BitPipe: ``2K`` chunks on an even number ``K`` of devices, an even
     number of micro-batches, ``update_every`` counting both copies' micro-batches."""
@@ -198,7 +213,8 @@ def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None
     except ValueError as e:
         shown = what if update_every is not None else "the method's update_every"
         raise PipeOptimConfigError(
-            f"method {method!r} cannot run schedule {name!r} with n_microbatches={n} and "
+            f"method {method_name(method)!r} cannot run schedule {name!r} with "
+            f"n_microbatches={n} and "
             f"{shown} on {k} device(s): {e} (one copy's update_every is half the strategy's)"
         ) from e
     placement = {c: r for (rep, c), r in bitpipe_placement(k).items() if rep == "A"}

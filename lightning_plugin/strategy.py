@@ -75,7 +75,8 @@ class PipeOptimStrategy(PipeOptimStrategyMixin, DDPStrategy):
             of it). Default: twice the number of stages.
         method: Any pipeline method of the installed ``predictopt.pipeline``
             (``predictopt.pipeline.PIPELINE_METHODS`` and any registered one; default
-            ``predictopt.pipeline.DEFAULT_METHOD``).
+            ``predictopt.pipeline.DEFAULT_METHOD``), by name or as a
+            ``predictopt.pipeline.Method`` value (picklable: the workers get a copy).
         update_every: Completed backwards per optimizer update (default: the method's). The
             Trainer's ``accumulate_grad_batches`` sets it too. Under BitPipe it counts the
             micro-batches of both copies of a chunk (even: twice one copy's).

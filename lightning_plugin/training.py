@@ -34,7 +34,7 @@ from .contract import batch_fingerprint, pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
 from .evaluation import AutocastStage
 from .optim import check_optimizer_config, clone_scheduler, rebuild_optimizer
-from .plan import PipelinePlan
+from .plan import PipelinePlan, method_name
 from .updates import StageUpdates
 from .user_steps import (
     call_hooks,
@@ -152,7 +152,7 @@ class PipelineRun:
         replacement (``used``)."""
         if used is not built:
             raise PipeOptimConfigError(
-                f"method {self.plan.method!r} replaces the stage optimizer "
+                f"method {method_name(self.plan.method)!r} replaces the stage optimizer "
                 f"({type(built).__name__} -> {type(used).__name__}); "
                 f"under Lightning, return {type(used).__name__} from "
                 "configure_optimizers instead")
@@ -341,7 +341,8 @@ class PipelineRun:
             return {}, {}
         stages = {k: p for r in parts for k, p in r["part"].items()}
         full = assemble([stages[k] for k in sorted(stages)], self.source, self.index)
-        extras = {"version": 2, "schedule": self.plan.schedule, "method": self.plan.method,
+        extras = {"version": 2, "schedule": self.plan.schedule,
+                  "method": method_name(self.plan.method),
                   "n_microbatches": self.plan.n_microbatches,
                   "update_every": self.plan.update_every, "global_step": global_step,
                   "updates": {k: v for r in parts for k, v in r["updates"].items()},
@@ -380,8 +381,8 @@ class PipelineRun:
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
-        groups = (extras.get("stage_groups") or {}) if extras.get("method") == self.plan.method \
-            else {}
+        same = extras.get("method") == method_name(self.plan.method)
+        groups = (extras.get("stage_groups") or {}) if same else {}
         for k in self.local:
             self.optimizers[k].load_state_dict(
                 stage_state(state, self.optimizers[k], self.index))
@@ -389,7 +390,6 @@ class PipelineRun:
             for s, sd in zip(self.schedulers[k], checkpoint.get("lr_schedulers") or []):
                 s.load_state_dict(sd)
             self.updates.updates[k] = int(done.get(k, fallback))
-        same = extras.get("method") == self.plan.method
         saved = extras.get("previous") if same else None
         for stage in self.stages:
             worker = stage.worker

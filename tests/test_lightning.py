@@ -51,7 +51,12 @@ from lightning_plugin import (  # noqa: E402
     PipeOptimStrategy,
 )
 from predictopt.data import mlp_stages  # noqa: E402
-from predictopt.pipeline import DEFAULT_METHOD, PREDICTING_METHODS, PipelineSimulator  # noqa: E402
+from predictopt.pipeline import (  # noqa: E402
+    DEFAULT_METHOD,
+    PREDICTING_METHODS,
+    PipelineSimulator,
+    get_method,
+)
 from predictopt.pipeline.transforms import ErrorFeedback  # noqa: E402
 
 IN, HID, OUT = 8, 8, 4
@@ -368,6 +373,12 @@ def run_exact(rank: int, tmp: str) -> dict[str, Any]:
     model = Net(2, "step")
     trainer(pipe(method="xpipe"), tmp, accumulate_grad_batches=2).fit(model, train_loader(8))
     out["accumulate"], out["accumulate_estimated"] = weights(model), model.estimated
+    for key, every in (("method_value", 1), ("method_every", 3)):  # a Method, not a name
+        model = Net(2, "none")
+        trainer(pipe(method=get_method(DEFAULT_METHOD).with_(
+            name=f"default-every{every}", calibration_every=every)), tmp).fit(
+            model, train_loader(8))
+        out[key] = weights(model)
     return out
 
 
@@ -613,6 +624,13 @@ def test_precision_clipping_and_accumulation_match_one_device(runs, tmp_path) ->
     ref, _, _ = simulate(method="xpipe", update_every=2, sched="step")
     assert_same(r0["accumulate"], ref)
     assert r0["accumulate_estimated"] == (N_DATA // 8) * 2
+    # a Method value: the registered default's copy trains as the default does, and its
+    # calibration_every reaches the stages (the simulator with the same value)
+    assert_same(r0["method_value"], unclipped)
+    every = get_method(DEFAULT_METHOD).with_(name="default-every3", calibration_every=3)
+    ref, _, _ = simulate(method=every)
+    assert_same(r0["method_every"], ref)
+    assert not torch.equal(r0["method_every"][0], next(unclipped[0].parameters()).detach())
 
 
 @pytest.mark.timeout(600)

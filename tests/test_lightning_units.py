@@ -54,7 +54,7 @@ from lightning_plugin.user_steps import (  # noqa: E402
     redirect_forward,
 )
 from predictopt.data import mlp_stages  # noqa: E402
-from predictopt.pipeline import DEFAULT_METHOD  # noqa: E402
+from predictopt.pipeline import DEFAULT_METHOD, get_method  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Registration and the private-API surface
@@ -245,10 +245,16 @@ def test_unsupported_configurations() -> None:
     with pytest.raises(PipeOptimConfigError, match="schedule must be one of"):
         PipeOptimStrategy("NoSuchSchedule")
     accepted = ", ".join(pipeline_methods())
-    with pytest.raises(PipeOptimConfigError, match=f"method must be one of {accepted}; got 'adam'"):
+    with pytest.raises(PipeOptimConfigError,
+                       match=f"method must be one of {accepted} or a predictopt.pipeline.Method; "
+                             f"got 'adam'"):
         PipeOptimStrategy(method="adam")
     with pytest.raises(PipeOptimConfigError, match="got 'sequential'"):
         PipeOptimStrategy(method="sequential")
+    with pytest.raises(PipeOptimConfigError, match="'sequential-qh-dl' is staleness-free"):
+        PipeOptimStrategy(method=get_method("sequential-qh-dl"))
+    mine = get_method("pipeoptim").with_(name="mine", calibrate=True)
+    assert PipeOptimStrategy(method=mine).method is mine  # a Method value, kept as it is
     with pytest.raises(PipeOptimConfigError, match="n_microbatches"):
         PipeOptimStrategy(n_microbatches=0)
     with pytest.raises(PipeOptimConfigError, match="start_method"):

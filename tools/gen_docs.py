@@ -323,8 +323,7 @@ def study_calibration_every_screens() -> str:
         "calibration-every", ("adamw", "sgd"),
         ("pipeoptim-qh-dm-dl", "pipeoptim-qh-dm-dl-every8", "pipeoptim-qh-dm-dl-every16",
          "sequential", "pipedream"),
-        ("`pipeoptim-qh-dm-dl` (k = 1)", "k = 8", "k = 16", "`sequential`", "`pipedream`"),
-        depths=(8,))
+        ("`pipeoptim-qh-dm-dl` (k = 1)", "k = 8", "k = 16", "`sequential`", "`pipedream`"))
 
 
 def study_muon_horizon_screens() -> str:

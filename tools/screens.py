@@ -263,7 +263,8 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "calibration-every",
             "variant": f"the default with a calibration sample of each horizon s at most once "
                        f"every max(s, {k}) updates",
-            "runs": [(8, o, e) for o in ("adamw", "sgd") for e in (0, 1, 2)]}
+            "runs": [(d, o, e) for d in ((8,) if k == 8 else (8, 4, 16))
+                     for o in ("adamw", "sgd") for e in (0, 1, 2)]}
            for k in (8, 16)},
         "pipeoptim-qh-dm-dl-muon-cal": {
             "method": get_method("pipeoptim-qh-dm-dl").with_(
