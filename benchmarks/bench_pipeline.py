@@ -13,7 +13,8 @@ torch thread each) train one stage each under ``Schedule1F1B``, as a user would:
   for ``pipeoptim``, ...; ``qh-dl`` adds its quasi-hyperbolic correction pass per update,
   ``nesterov-dl`` turns AdamW into NAdam). A variant ``METHOD-everyK`` is the registered
   ``METHOD`` with ``calibration_every=K`` (the default's calibration sampled at most once every
-  ``K`` updates per horizon; the default set measures ``K = 16``).
+  ``K`` updates per horizon; the default set measures ``K = 1``, the default method's until
+  2026-12-08).
 
 Stages (``--stage``): ``mlp``, ``Linear(1024,1024)-GELU-Linear(1024,1024)`` on micro-batches of
 32 vectors; ``transformer``, the project's pre-norm transformer block (``predictopt.lm``,
@@ -82,7 +83,7 @@ OVERHEAD_OUT = RESULTS / "pipeline_overhead.json"
 THROUGHPUT_OUT = RESULTS / "pipeline_throughput.json"
 #: ``plain`` (torch's PipelineStage) first: the baseline every ratio is taken against.
 VARIANTS = tuple(dict.fromkeys(("plain", "gpipe", "pipedream", "pipeoptim", "pipeoptim-lean",
-                                DEFAULT_METHOD, f"{DEFAULT_METHOD}-every16", "qh-dl",
+                                DEFAULT_METHOD, f"{DEFAULT_METHOD}-every1", "qh-dl",
                                 "nesterov-dl")))
 #: The targets of issue 11: CPU-time ratio against ``plain`` (fused AdamW), per stage.
 TARGETS: dict[str, dict[str, float]] = {

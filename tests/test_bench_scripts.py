@@ -75,9 +75,10 @@ def test_pipeline_variants_and_quick_args() -> None:
     full = bench_pipeline.parse_args([])
     assert full.stage == ["mlp", "transformer"] and full.optimizer == ["fused", "default"]
     assert full.microbatches == 8
-    every = bench_pipeline.method_of(f"{DEFAULT_METHOD}-every16")
-    assert every.calibration_every == 16 and every.name == f"{DEFAULT_METHOD}-every16"
-    assert every.with_(name=DEFAULT_METHOD, calibration_every=1) == get_method(DEFAULT_METHOD)
+    every = bench_pipeline.method_of(f"{DEFAULT_METHOD}-every1")
+    assert every.calibration_every == 1 and every.name == f"{DEFAULT_METHOD}-every1"
+    default = get_method(DEFAULT_METHOD)
+    assert every.with_(name=DEFAULT_METHOD, calibration_every=default.calibration_every) == default
     with pytest.raises(SystemExit):
         bench_pipeline.parse_args(["--variants", "pipeoptim-every-3"])
 

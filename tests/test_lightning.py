@@ -373,10 +373,9 @@ def run_exact(rank: int, tmp: str) -> dict[str, Any]:
     model = Net(2, "step")
     trainer(pipe(method="xpipe"), tmp, accumulate_grad_batches=2).fit(model, train_loader(8))
     out["accumulate"], out["accumulate_estimated"] = weights(model), model.estimated
-    for key, every in (("method_value", 1), ("method_every", 3)):  # a Method, not a name
-        model = Net(2, "none")
-        trainer(pipe(method=get_method(DEFAULT_METHOD).with_(
-            name=f"default-every{every}", calibration_every=every)), tmp).fit(
+    for key, kw in (("method_value", {}), ("method_every", {"calibration_every": 3})):
+        model = Net(2, "none")  # a Method value, not a name
+        trainer(pipe(method=get_method(DEFAULT_METHOD).with_(name=key, **kw)), tmp).fit(
             model, train_loader(8))
         out[key] = weights(model)
     return out
@@ -627,7 +626,7 @@ def test_precision_clipping_and_accumulation_match_one_device(runs, tmp_path) ->
     # a Method value: the registered default's copy trains as the default does, and its
     # calibration_every reaches the stages (the simulator with the same value)
     assert_same(r0["method_value"], unclipped)
-    every = get_method(DEFAULT_METHOD).with_(name="default-every3", calibration_every=3)
+    every = get_method(DEFAULT_METHOD).with_(name="method_every", calibration_every=3)
     ref, _, _ = simulate(method=every)
     assert_same(r0["method_every"], ref)
     assert not torch.equal(r0["method_every"][0], next(unclipped[0].parameters()).detach())

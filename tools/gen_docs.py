@@ -317,13 +317,14 @@ def study_muon_calibration_screens() -> str:
 
 
 def study_calibration_every_screens() -> str:
-    """The default with its calibration sampled at most once every k updates per horizon
-    (lm_screens.jsonl, group "calibration-every") beside the default (k = 1)."""
+    """The default (k = 16) beside its calibration sampled at most once every k = 1 or 8
+    updates per horizon (lm_screens.jsonl, group "calibration-every")."""
     return _former_and_now(
         "calibration-every", ("adamw", "sgd"),
-        ("pipeoptim-qh-dm-dl", "pipeoptim-qh-dm-dl-every8", "pipeoptim-qh-dm-dl-every16",
+        ("pipeoptim-qh-dm-dl-every1", "pipeoptim-qh-dm-dl-every8", "pipeoptim-qh-dm-dl",
          "sequential", "pipedream"),
-        ("`pipeoptim-qh-dm-dl` (k = 1)", "k = 8", "k = 16", "`sequential`", "`pipedream`"))
+        ("k = 1 (the default until 2026-12-08)", "k = 8", "`pipeoptim-qh-dm-dl` (k = 16)",
+         "`sequential`", "`pipedream`"))
 
 
 def study_muon_horizon_screens() -> str:

@@ -32,6 +32,7 @@ OUT = ROOT / "docs" / "results" / "prediction_probe.jsonl"
 RUNS: tuple[tuple[str, int, str, int], ...] = (
     ("pipeoptim-qh-dm-dl-adam-whole", 8, "adamw", 1),
     ("pipeoptim-qh-dm-dl-adam-split", 8, "adamw", 1),
+    ("pipeoptim-qh-dm-dl-every1", 8, "adamw", 1),
     ("pipeoptim-qh-dm-dl", 8, "adamw", 1),
     ("pipeoptim", 8, "muon", 0),
     ("pipeoptim-qh-dm-dl", 8, "muon", 0),

@@ -74,6 +74,12 @@ def variants() -> dict[str, dict[str, Any]]:
     dm_all = DelayScaledMomentum(strict=False, muon=True)
     group = "momentum-horizon"
 
+    def default_with(name: str, group: str, variant: str, runs: list[Any],
+                     **changes: Any) -> dict[str, Any]:
+        """A screen of the default method with some of its fields changed."""
+        return {"method": get_method("pipeoptim-qh-dm-dl").with_(name=name, **changes),
+                "group": group, "variant": variant, "runs": runs}
+
     def qh_dl(name: str, nu: float, variant: str, **dl: Any) -> dict[str, Any]:
         """A variant of ``pipeoptim-qh-dl`` on the 8-stage SGD setting (group "sgd-default")."""
         return {"method": Method(name, forward="predicted",
@@ -250,28 +256,27 @@ def variants() -> dict[str, dict[str, Any]]:
             "group": "adam-whole",
             "variant": "its staleness-free twin",
             "runs": [(s, "adamw", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
-        "pipeoptim-qh-dm-dl-uncalibrated": {
-            "method": get_method("pipeoptim-qh-dm-dl").with_(
-                name="pipeoptim-qh-dm-dl-uncalibrated", calibrate=False),
-            "group": "calibration",
-            "variant": "the default with its prediction uncalibrated (with momentum SGD: the "
-                       "former default)",
-            "runs": [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)]},
-        **{f"pipeoptim-qh-dm-dl-every{k}": {
-            "method": get_method("pipeoptim-qh-dm-dl").with_(
-                name=f"pipeoptim-qh-dm-dl-every{k}", calibration_every=k),
-            "group": "calibration-every",
-            "variant": f"the default with a calibration sample of each horizon s at most once "
-                       f"every max(s, {k}) updates",
-            "runs": [(d, o, e) for d in ((8,) if k == 8 else (8, 4, 16))
-                     for o in ("adamw", "sgd") for e in (0, 1, 2)]}
-           for k in (8, 16)},
-        "pipeoptim-qh-dm-dl-muon-cal": {
-            "method": get_method("pipeoptim-qh-dm-dl").with_(
-                name="pipeoptim-qh-dm-dl-muon-cal", calibrate=True),
-            "group": "muon-calibration",
-            "variant": "the default with its prediction calibrated on Muon stages too",
-            "runs": [(16, "muon", 0)] + [(8, "muon", e) for e in (0, 1, 2)]},
+        "pipeoptim-qh-dm-dl-uncalibrated": default_with(
+            "pipeoptim-qh-dm-dl-uncalibrated", "calibration",
+            "the default with its prediction uncalibrated (with momentum SGD: the former "
+            "default)", [(s, "sgd", e) for s in (4, 8, 16) for e in (0, 1, 2)], calibrate=False),
+        # the default samples each horizon at most every 16 updates since 2026-12-08 (its study
+        # runs then were this group's k = 16 screens, renamed); k = 1 is the default before
+        "pipeoptim-qh-dm-dl-every1": default_with(
+            "pipeoptim-qh-dm-dl-every1", "calibration-every",
+            "the default until 2026-12-08: a calibration sample of each horizon s every s "
+            "updates (k = 1)",
+            [(d, o, e) for d in (4, 8, 16) for o in ("adamw", "sgd") for e in (0, 1, 2)]
+            + [(4, "adamw@0.001", e) for e in (0, 1, 2)], calibration_every=1),
+        "pipeoptim-qh-dm-dl-every8": default_with(
+            "pipeoptim-qh-dm-dl-every8", "calibration-every",
+            "the default with a calibration sample of each horizon s at most once every "
+            "max(s, 8) updates", [(8, o, e) for o in ("adamw", "sgd") for e in (0, 1, 2)],
+            calibration_every=8),
+        "pipeoptim-qh-dm-dl-muon-cal": default_with(
+            "pipeoptim-qh-dm-dl-muon-cal", "muon-calibration",
+            "the default with its prediction calibrated on Muon stages too",
+            [(16, "muon", 0)] + [(8, "muon", e) for e in (0, 1, 2)], calibrate=True),
         "pipeoptim-qh-dm-dl0.5": {
             "method": Method("pipeoptim-qh-dm-dl0.5", forward="predicted",
                              transforms=(dm, qh, DelayScaledLR(power=0.5))),

@@ -274,15 +274,22 @@ def splits_update(optimizer: Optimizer) -> bool:
     return all(QuasiHyperbolicMomentum.split_kind(p, optimizer) for p in _parts(optimizer))
 
 
+#: Updates between two calibration samples of a horizon of the default method (at least the
+#: horizon): the study's screens found it level with sampling as often as possible (k = 1) at
+#: a fraction of the cost (docs/study.md, "Sampling less often").
+DEFAULT_CALIBRATION_EVERY = 16
+
 register_method(Method(
     "pipeoptim-qh-dm-dl", forward="predicted", calibrate=splits_update,
+    calibration_every=DEFAULT_CALIBRATION_EVERY,
     transforms=(DelayScaledMomentum(strict=False),
                 QuasiHyperbolicMomentum(0.5, strict=False, sgd_fresh_power=1.0,
                                         adam_fresh_power=1.0),
                 DelayScaledLR(momentum_sgd=False, adam=False)),
     summary="pipeoptim-qh-dl with the momentum horizon times (1 + delay) at the same "
             "effective step; with Adam, AdamW and momentum SGD only the fresh-gradient term "
-            "takes the rate / (1 + delay) and the prediction is calibrated (the default)",
+            "takes the rate / (1 + delay) and the prediction is calibrated (a sample per "
+            "horizon at most every 16 updates; the default)",
     source="this project"))
 
 # Staleness-free twins of the candidates (what their transforms do without any delay; the lr
