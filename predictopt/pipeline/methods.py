@@ -25,7 +25,8 @@ A method answers, for every micro-batch ``i`` of a step at a stage whose stalene
 ``calibrate``
     For predicting methods, whether the predicted displacement is scaled by a gain fitted
     online at each horizon the stage predicts over (the calibration of
-    :class:`~predictopt.PredictiveOptimizer`; default ``False``: the published formulas).
+    :class:`~predictopt.PredictiveOptimizer`; default ``False``: the published formulas), a
+    sample of each horizon at most once every ``calibration_every`` updates.
 ``transforms``
     Per-stage changes to the update (:class:`StageTransform`): hyper-parameters as a function
     of the stage's delay (a smaller learning rate, more momentum), a different optimizer class
