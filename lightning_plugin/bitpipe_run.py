@@ -41,7 +41,7 @@ from .comm import all_gather_objects, to_cpu
 from .contract import pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
 from .optim import rebuild_optimizer
-from .plan import PipelinePlan, method_name
+from .plan import PipelinePlan
 from .training import PipelineRun, _Batch
 from .user_steps import (
     LogEntry,
@@ -349,7 +349,7 @@ class BitPipeRun(PipelineRun):
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
-        same = extras.get("method") == method_name(self.plan.method)
+        same = extras.get("method") == self.plan.method_name
         groups = (extras.get("stage_groups") or {}) if same else {}
         for key in self.keys:
             opt = self.optimizers[key]

@@ -38,7 +38,7 @@ from .errors import PipelineContractError, PipeOptimConfigError
 from .launch import START_METHODS, resolve_start_method
 from .module import PipelineMixin
 from .optim import check_scheduler_horizons
-from .plan import PipelinePlan, check_pipeline_method, make_plan, method_name
+from .plan import PipelinePlan, check_pipeline_method, make_plan
 from .training import PipelineRun
 from .user_steps import evaluation_step
 
@@ -209,7 +209,7 @@ class PipeOptimStrategyMixin:
         if self.clip_scope == "global" and not self._can_defer(plan):
             raise PipeOptimConfigError(
                 f"clip_scope='global' needs every stage to update once per batch with a method "
-                f"that does not predict (e.g. method='gpipe'); {method_name(plan.method)!r} makes "
+                f"that does not predict (e.g. method='gpipe'); {plan.method_name!r} makes "
                 f"{plan.updates_per_step} update(s) per batch, each while the other stages are "
                 "still computing the same micro-batch's gradients. Use clip_scope='stage' or "
                 "'auto'")

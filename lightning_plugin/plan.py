@@ -11,7 +11,7 @@ from torch import nn
 from ._compat import bitpipe_copy_update_every, pipeline_methods, schedule_facts
 from .errors import PipeOptimConfigError
 
-__all__ = ["PipelinePlan", "check_pipeline_method", "make_plan", "method_name"]
+__all__ = ["PipelinePlan", "check_pipeline_method", "make_plan"]
 
 
 def check_pipeline_method(method: Any) -> Any:
@@ -39,11 +39,6 @@ def check_pipeline_method(method: Any) -> Any:
         raise PipeOptimConfigError(f"method must be one of {', '.join(accepted)} or a "
                                    f"predictopt.pipeline.Method; got {method!r}")
     return method
-
-
-def method_name(method: Any) -> str:
-    """The name of a method given by name or as a ``Method`` value."""
-    return method if isinstance(method, str) else method.name
 
 
 @dataclass(frozen=True)
@@ -74,6 +69,13 @@ class PipelinePlan:
     n_microbatches: int
     update_every: int
     method: Any = "pipeoptim"
+
+    @property
+    def method_name(self) -> str:
+        """The method's registry name (also of a ``Method`` value)."""
+        from predictopt.pipeline import get_method
+
+        return get_method(self.method).name
 
     def local(self, rank: int) -> list[int]:
         """The stages of ``rank``, sorted."""
@@ -153,7 +155,13 @@ def make_plan(schedule: str, num_stages: int, world_size: int, *,
             (the message says how many devices, or stages, are needed), or a configuration the
             method or the schedule rejects.
     """
-    from predictopt.pipeline import StageWorker, default_update_every, stage_to_rank, staleness
+    from predictopt.pipeline import (
+        StageWorker,
+        default_update_every,
+        get_method,
+        stage_to_rank,
+        staleness,
+    )
 
     facts = schedule_facts(schedule)
     method = check_pipeline_method(method)
@@ -176,7 +184,7 @@ def make_plan(schedule: str, num_stages: int, world_size: int, *,
                         staleness=table[k], update_every=u)
     except ValueError as e:
         raise PipeOptimConfigError(
-            f"method {method_name(method)!r} cannot run schedule {facts.name!r} with "
+            f"method {get_method(method).name!r} cannot run schedule {facts.name!r} with "
             f"n_microbatches={n} and "
             f"{what} on {world_size} device(s): {e}") from e
     return PipelinePlan(facts.name, world_size, spr, num_stages, placement, n, u, method)
@@ -186,6 +194,7 @@ def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None
                   update_every: int | None, update_every_source: str) -> PipelinePlan:
     """:func:`make_plan` for BitPipe: ``2K`` chunks on an even number ``K`` of devices, an even
     number of micro-batches, ``update_every`` counting both copies' micro-batches."""
+    from predictopt.pipeline import get_method
     from predictopt.pipeline.bitpipe import bitpipe_placement
 
     have = f"the Trainer runs {k} process(es) (devices x num_nodes)"
@@ -213,7 +222,7 @@ def _bitpipe_plan(name: str, num_stages: int, k: int, n_microbatches: int | None
     except ValueError as e:
         shown = what if update_every is not None else "the method's update_every"
         raise PipeOptimConfigError(
-            f"method {method_name(method)!r} cannot run schedule {name!r} with "
+            f"method {get_method(method).name!r} cannot run schedule {name!r} with "
             f"n_microbatches={n} and "
             f"{shown} on {k} device(s): {e} (one copy's update_every is half the strategy's)"
         ) from e

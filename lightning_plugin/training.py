@@ -34,7 +34,7 @@ from .contract import batch_fingerprint, pipeline_inputs_of, split_batch
 from .errors import PipelineContractError, PipeOptimConfigError
 from .evaluation import AutocastStage
 from .optim import check_optimizer_config, clone_scheduler, rebuild_optimizer
-from .plan import PipelinePlan, method_name
+from .plan import PipelinePlan
 from .updates import StageUpdates
 from .user_steps import (
     call_hooks,
@@ -152,7 +152,7 @@ class PipelineRun:
         replacement (``used``)."""
         if used is not built:
             raise PipeOptimConfigError(
-                f"method {method_name(self.plan.method)!r} replaces the stage optimizer "
+                f"method {self.plan.method_name!r} replaces the stage optimizer "
                 f"({type(built).__name__} -> {type(used).__name__}); "
                 f"under Lightning, return {type(used).__name__} from "
                 "configure_optimizers instead")
@@ -342,7 +342,7 @@ class PipelineRun:
         stages = {k: p for r in parts for k, p in r["part"].items()}
         full = assemble([stages[k] for k in sorted(stages)], self.source, self.index)
         extras = {"version": 2, "schedule": self.plan.schedule,
-                  "method": method_name(self.plan.method),
+                  "method": self.plan.method_name,
                   "n_microbatches": self.plan.n_microbatches,
                   "update_every": self.plan.update_every, "global_step": global_step,
                   "updates": {k: v for r in parts for k, v in r["updates"].items()},
@@ -381,7 +381,7 @@ class PipelineRun:
                 checkpoint of an earlier version of the strategy.
         """
         state, extras, fallback, done = self._checkpoint_parts(checkpoint)
-        same = extras.get("method") == method_name(self.plan.method)
+        same = extras.get("method") == self.plan.method_name
         groups = (extras.get("stage_groups") or {}) if same else {}
         for k in self.local:
             self.optimizers[k].load_state_dict(
